@@ -1,0 +1,28 @@
+# The two commands of the README. Both create .venv from nothing but Python.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision first and pinned: the CPU machines here carry exactly these wheels on disk.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: run test install install-test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/vitscale run $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,445 @@
+"""The one config schema: frozen dataclasses, loaded from YAML, validated once at the edge.
+
+Every stage receives the typed slice it needs (``cfg.shard``, ``cfg.pretrain``, ...), never the
+whole bag. Errors are ``ConfigError`` and always name the full key path (``pretrain.micro_batch``)
+or the file, so the CLI can print them and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pretrain.errors import InputError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(InputError):
+    """A bad config file, key or value. The message names the file or the key path."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None  # None = start local Ray in-process; "auto" / ray://host:10001 = join
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: Optional[str] = None  # None = sqlite file in the workdir
+    experiment: str = "vitscale"
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    timeout_s: float = 10.0
+    retries: int = 2
+    threads: int = 16
+    respect_noai: bool = True  # honour X-Robots-Tag: noai / noimageai
+
+
+@dataclass(frozen=True)
+class BuiltinSourceConfig:
+    """Settings of the formula-driven ``builtin:fractal`` source (FractalDB-style IFS classes)."""
+
+    classes: int = 10
+    images_per_class: int = 40
+    image_size: int = 64
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    source: str = "builtin:fractal"
+    path_column: str = "path"
+    label_column: str = "label"
+    samples_per_shard: int = 10000
+    image_size: int = 256
+    resize_mode: Literal["keep_ratio", "center_crop", "none"] = "keep_ratio"
+    quality: int = 95
+    min_size: int = 16
+    max_pixels: int = 89478485
+    max_in_flight: Optional[int] = None  # shard tasks in flight; None = 2 x cluster CPUs
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    builtin: BuiltinSourceConfig = field(default_factory=BuiltinSourceConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = "B/16"
+    img_size: int = 224
+    pool: Literal["cls", "gap"] = "cls"
+    representation_size: Optional[int] = None
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    act_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop: Literal["inception", "center"] = "inception"
+    flip: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # Inception crop area range (big_vision default)
+    randaugment: Optional[tuple[int, int]] = None  # (num_ops, magnitude), e.g. [2, 15]
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the paper's [-1, 1] scaling
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class FewshotConfig:
+    datasets: list[str] = field(default_factory=list)
+    shots: list[int] = field(default_factory=lambda: [5, 10])
+    every: int = 5000
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    shards: Optional[str] = None  # None = {workdir}/shards
+    label_key: str = "cls"  # cls | json:FIELD | txt
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    global_batch: int = 4096
+    micro_batch: int = 64
+    steps: int = 100000
+    lr: float = 8.0e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.1
+    warmup_steps: int = 10000
+    schedule: Literal["linear", "cosine"] = "linear"
+    grad_clip: float = 1.0
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shuffle_buffer: int = 2000
+    loader_workers: int = 4
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_failures: int = 3
+    peak_tflops: Optional[float] = None
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+    deepspeed: dict = field(default_factory=dict)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.micro_batch * self.workers)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    checkpoint: str = "latest"
+    datasets: list[str] = field(default_factory=lambda: ["cifar10"])
+    mode: Literal["finetune", "linear", "fewshot"] = "finetune"
+    img_size: int = 384
+    batch: int = 512
+    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
+    steps: Optional[int] = None
+    warmup_steps: Optional[int] = None  # None = 5 % of the steps
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    compare_scratch: bool = False  # also fine-tune a randomly initialised model with the same budget
+    data_root: Optional[str] = None
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "demo"
+    workdir: str = "runs/demo"
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in the typed form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, path)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 300e6 style counts
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """The config as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"pretrain.lr": 0.0008, ...}``: the whole config as MLflow params."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def replace(cfg: Config, **overrides: Any) -> Config:
+    """A copy with dotted-key overrides, re-validated: ``replace(cfg, **{"pretrain.steps": 10})``."""
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        _set_path(data, key, value)
+    return from_dict(data)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    p, m, s, t = cfg.pretrain, cfg.model, cfg.shard, cfg.transfer
+    positive = {
+        "seed": (cfg.seed, 0),
+        "shard.samples_per_shard": (s.samples_per_shard, 1),
+        "shard.image_size": (s.image_size, 1),
+        "shard.min_size": (s.min_size, 1),
+        "shard.max_pixels": (s.max_pixels, 1),
+        "shard.download.threads": (s.download.threads, 1),
+        "shard.download.retries": (s.download.retries, 0),
+        "model.img_size": (m.img_size, 1),
+        "pretrain.workers": (p.workers, 1),
+        "pretrain.micro_batch": (p.micro_batch, 1),
+        "pretrain.global_batch": (p.global_batch, 1),
+        "pretrain.steps": (p.steps, 1),
+        "pretrain.warmup_steps": (p.warmup_steps, 0),
+        "pretrain.loader_workers": (p.loader_workers, 0),
+        "pretrain.log_every": (p.log_every, 1),
+        "pretrain.checkpoint_every": (p.checkpoint_every, 1),
+        "pretrain.keep_checkpoints": (p.keep_checkpoints, 1),
+        "pretrain.max_failures": (p.max_failures, 0),
+        "pretrain.shuffle_buffer": (p.shuffle_buffer, 0),
+        "transfer.img_size": (t.img_size, 1),
+        "transfer.batch": (t.batch, 1),
+        "transfer.workers": (t.workers, 1),
+    }
+    for key, (value, low) in positive.items():
+        if value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+    if not 1 <= s.quality <= 100:
+        raise ConfigError(f"shard.quality: must be in 1..100, got {s.quality}")
+    if s.download.timeout_s <= 0:
+        raise ConfigError(f"shard.download.timeout_s: must be > 0, got {s.download.timeout_s}")
+    if p.global_batch % (p.micro_batch * p.workers):
+        raise ConfigError(
+            f"pretrain.global_batch: {p.global_batch} is not micro_batch x workers x an integer "
+            f"accumulation ({p.micro_batch} x {p.workers} = {p.micro_batch * p.workers})"
+        )
+    if p.lr <= 0:
+        raise ConfigError(f"pretrain.lr: must be > 0, got {p.lr}")
+    if not all(0 <= b < 1 for b in p.betas):
+        raise ConfigError(f"pretrain.betas: each must be in [0, 1), got {list(p.betas)}")
+    if not (p.label_key in ("cls", "txt") or (p.label_key.startswith("json:") and len(p.label_key) > 5)):
+        raise ConfigError(f"pretrain.label_key: must be cls, txt or json:FIELD, got {p.label_key!r}")
+    lo, hi = p.augment.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"pretrain.augment.crop_scale: need 0 < low <= high <= 1, got {[lo, hi]}")
+    if any(x <= 0 for x in p.augment.std):
+        raise ConfigError(f"pretrain.augment.std: must be > 0, got {list(p.augment.std)}")
+    if p.precision == "fp16" and not p.use_gpu:
+        raise ConfigError("pretrain.precision: fp16 needs pretrain.use_gpu: true (use bf16 or fp32 on the CPU)")
+    if not 0 <= m.dropout < 1 or not 0 <= m.drop_path < 1:
+        raise ConfigError(f"model.dropout / model.drop_path: must be in [0, 1), got {m.dropout} / {m.drop_path}")
+    from pretrain.model import VARIANTS, parse_variant  # noqa: PLC0415  (pretrain never imports us)
+
+    try:
+        name, patch = parse_variant(m.variant)
+    except ValueError as e:
+        raise ConfigError(f"model.variant: {e}") from None
+    if m.img_size % patch:
+        raise ConfigError(f"model.img_size: {m.img_size} is not a multiple of the patch size {patch}")
+    if t.img_size % patch:
+        raise ConfigError(f"transfer.img_size: {t.img_size} is not a multiple of the patch size {patch}")
+    if not t.datasets:
+        raise ConfigError("transfer.datasets: at least one dataset is needed")
+    if not t.lrs or any(lr <= 0 for lr in t.lrs):
+        raise ConfigError(f"transfer.lrs: need one or more positive learning rates, got {t.lrs}")
+    if t.steps is not None and t.steps < 1:
+        raise ConfigError(f"transfer.steps: must be >= 1, got {t.steps}")
+    if not p.fewshot.every >= 1:
+        raise ConfigError(f"pretrain.fewshot.every: must be >= 1, got {p.fewshot.every}")
+    assert name in VARIANTS
+
+
+# --------------------------------------------------------------------------- files and overrides
+
+
+def _set_path(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"pretrain.lr=1e-3"`` -> ``("pretrain.lr", 0.001)``; values are YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r}: {e}") from None
+    return key, value
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset {name!r} does not exist (known: {', '.join(list_presets())})")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config file or a preset name (None = the ``local`` preset) and apply ``--set`` overrides."""
+    if source is None:
+        path = preset_path("local")
+    elif Path(source).is_file() or str(source).endswith((".yaml", ".yml")):
+        path = Path(source)
+    else:
+        path = preset_path(str(source))
+    data = read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    try:
+        return from_dict(data, str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path})") from None

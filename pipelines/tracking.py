@@ -1,0 +1,103 @@
+"""MLflow for the pipeline: where the store is, and one run per stage that always ends with a status.
+
+The driver process owns a stage's run: it creates it, hands its id to whoever logs (Ray workers log
+to it by id from rank 0 only), and ends it FINISHED, FAILED (an exception) or KILLED (SIGTERM or
+Ctrl-C). Under ``vitscale run`` each stage's run is nested under one parent run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Iterator, Optional
+
+from pipelines.config import Config, TrackingConfig
+
+
+class Terminated(BaseException):
+    """Raised in the driver on SIGTERM so that runs end KILLED instead of vanishing RUNNING."""
+
+
+def tracking_uri(tracking: TrackingConfig, workdir: str) -> str:
+    """``tracking.uri`` or, when null, a sqlite file in the workdir."""
+    if tracking.uri:
+        return tracking.uri
+    path = Path(workdir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def _artifact_root(workdir: str) -> Optional[str]:
+    if "://" in workdir:
+        return workdir.rstrip("/") + "/mlartifacts"
+    return (Path(workdir).expanduser().resolve() / "mlartifacts").as_uri()
+
+
+def experiment_id(client, tracking: TrackingConfig, workdir: str) -> str:
+    exp = client.get_experiment_by_name(tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        # A local store gets its artifacts beside the sqlite file, not in ./mlruns of wherever we run.
+        root = None if tracking.uri and tracking.uri.startswith("http") else _artifact_root(workdir)
+        return client.create_experiment(tracking.experiment, artifact_location=root)
+    except Exception:  # noqa: BLE001 - another process created it first
+        return client.get_experiment_by_name(tracking.experiment).experiment_id
+
+
+def client_for(cfg: Config):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri(cfg.tracking, cfg.workdir))
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handler(signum, frame):  # noqa: ARG001
+        raise Terminated(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None,
+              tags: Optional[dict] = None) -> Iterator[str]:
+    """Create an MLflow run for ``stage`` and yield its id; end it with the right status.
+
+    ``parent_run_id`` nests it (``vitscale run``). The id is also exported as ``MLFLOW_RUN_ID`` so
+    that ``mlflow.*`` calls in this process land in it.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = client_for(cfg)
+    exp = experiment_id(client, cfg.tracking, cfg.workdir)
+    all_tags = {MLFLOW_RUN_NAME: f"{cfg.name}-{stage}", "vitscale.stage": stage, **(tags or {})}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(exp, tags=all_tags, run_name=f"{cfg.name}-{stage}")
+    run_id = run.info.run_id
+    previous = os.environ.get("MLFLOW_RUN_ID")
+    os.environ["MLFLOW_RUN_ID"] = run_id
+    status = "FAILED"
+    try:
+        with _sigterm_raises():
+            yield run_id
+        status = "FINISHED"
+    except (Terminated, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_RUN_ID"] = previous
+        client.set_terminated(run_id, status)

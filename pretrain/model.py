@@ -1,0 +1,238 @@
+"""The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al., ICLR 2021).
+
+Only ``nn.Module``s: no distributed code, no Ray, DeepSpeed or MLflow. Parallelism (activation
+checkpointing is the one exception, a per-block switch) is applied from outside by the engine.
+Module names follow timm's ``VisionTransformer`` where they can, so ``convert.py`` stays a table.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# The paper's Table 1 (Ti and S from DeiT, g from Zhai et al. "Scaling Vision Transformers").
+VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, mlp=768, heads=3),
+    "S": dict(width=384, depth=12, mlp=1536, heads=6),
+    "M": dict(width=512, depth=12, mlp=2048, heads=8),
+    "B": dict(width=768, depth=12, mlp=3072, heads=12),
+    "L": dict(width=1024, depth=24, mlp=4096, heads=16),
+    "H": dict(width=1280, depth=32, mlp=5120, heads=16),
+    "g": dict(width=1408, depth=40, mlp=6144, heads=16),
+    # Debug sizes for CPU tests and the laptop preset: same code path, small numbers.
+    "mu": dict(width=48, depth=2, mlp=96, heads=3),
+    "tiny": dict(width=96, depth=4, mlp=384, heads=3),
+}
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """``"B/16"`` -> ``("B", 16)``. The patch size is part of the name, as in the paper."""
+    m = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant.strip())
+    if not m or m.group(1) not in VARIANTS:
+        raise ValueError(f"{variant!r} is not NAME/PATCH with NAME in {', '.join(VARIANTS)} (e.g. 'B/16')")
+    return m.group(1), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    width: int = 768
+    depth: int = 12
+    mlp: int = 3072
+    heads: int = 12
+    patch: int = 16
+    img_size: int = 224
+    num_classes: int = 1000
+    pool: Literal["cls", "gap"] = "cls"
+    representation_size: Optional[int] = None  # the paper's pre-logits layer (tanh), pretraining only
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    act_checkpoint: bool = False
+    in_chans: int = 3
+
+    @classmethod
+    def from_variant(cls, variant: str, **kwargs) -> "ViTConfig":
+        name, patch = parse_variant(variant)
+        return cls(**VARIANTS[name], patch=patch, **kwargs)
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2 + (1 if self.pool == "cls" else 0)
+
+
+def macs_per_image(cfg: ViTConfig, img_size: Optional[int] = None) -> int:
+    """Multiply-adds of one forward pass (patch embedding, attention, MLP, head).
+
+    The count fvcore and timm's profiler use: ViT-B/16 at 224 px is 17.6 GMACs.
+    """
+    grid = (img_size or cfg.img_size) // cfg.patch
+    n = grid * grid
+    t = n + (1 if cfg.pool == "cls" else 0)
+    d = cfg.width
+    embed = n * d * cfg.in_chans * cfg.patch**2
+    block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * cfg.mlp
+    rep = d * cfg.representation_size if cfg.representation_size else 0
+    head = (cfg.representation_size or d) * cfg.num_classes
+    return embed + cfg.depth * block + rep + head
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp, dropout)
+        self.drop = nn.Dropout(dropout)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.drop(self.attn(self.norm1(x))), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.img_size % cfg.patch:
+            raise ValueError(f"img_size {cfg.img_size} is not a multiple of the patch size {cfg.patch}")
+        self.cfg = cfg
+        D = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch, stride=cfg.patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp, cfg.dropout, r) for r in rates)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.pre_logits = nn.Linear(D, cfg.representation_size) if cfg.representation_size else None
+        self.head = nn.Linear(cfg.representation_size or D, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference (big_vision / timm 'jax') initialisation."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if "mlp" in name:
+                    nn.init.normal_(m.bias, std=1e-6)
+                else:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        fan_in = self.patch_embed.in_channels * self.cfg.patch**2  # lecun normal
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1 / fan_in))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        if isinstance(self.head, nn.Linear):  # zero head: the paper's choice, and what fine-tuning needs
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        pos = self.pos_embed
+        if x.shape[1] + (self.cls_token is not None) != pos.shape[1]:
+            grid = int(math.isqrt(x.shape[1]))
+            pos = resample_pos_embed(pos, (grid, grid), num_prefix_tokens=int(self.cls_token is not None))
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        return self.pos_drop(x + pos)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            if self.cfg.act_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled representation before the head, shape (B, width)."""
+        return self.pool(self.forward_tokens(x))
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.pre_logits is not None:
+            feats = torch.tanh(self.pre_logits(feats))
+        return self.head(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """2-D bicubic interpolation of position embeddings to a new patch grid (paper §3.2).
+
+    Prefix tokens (the class token) are kept aside unchanged; matches timm's ``resample_abs_pos_embed``.
+    """
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(math.isqrt(grid_tokens.shape[1]))
+    if old * old != grid_tokens.shape[1]:
+        raise ValueError(f"position embedding of {grid_tokens.shape[1]} tokens is not a square grid")
+    if (old, old) == tuple(new_grid):
+        return pos_embed
+    dtype = pos_embed.dtype
+    g = grid_tokens.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(dtype)
+    return torch.cat([prefix, g], dim=1)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
