@@ -105,6 +105,7 @@ class FewshotConfig:
 class PretrainConfig:
     shards: Optional[str] = None  # None = {workdir}/shards
     label_key: str = "cls"  # cls | json:FIELD | txt
+    num_classes: Optional[int] = None  # None = the label count in the shards' manifest
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
