@@ -1,0 +1,97 @@
+"""``vitscale run``: shard, then pretrain, then transfer, under one MLflow parent run.
+
+A stage whose output is already complete is skipped, so rerunning the same command resumes where
+the last one stopped (and a finished pipeline only prints its summary again).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from pipelines.config import Config, flatten, to_dict
+from pipelines.tracking import client_for, stage_run, tracking_uri
+
+
+def _stages() -> list[tuple[str, Callable[[Config], bool], Callable[..., dict]]]:
+    # Imported here so that `vitscale run --help` and a config error stay instant.
+    from pipelines.shard import run_shard_stage, shards_complete
+    from pipelines.train_job import pretrain_complete, run_pretrain
+    from pipelines.transfer_job import run_transfer, transfer_complete
+
+    return [
+        ("shard", shards_complete, run_shard_stage),
+        ("pretrain", pretrain_complete, run_pretrain),
+        ("transfer", transfer_complete, run_transfer),
+    ]
+
+
+def _log_config(cfg: Config, run_id: str) -> None:
+    client = client_for(cfg)
+    params = flatten(cfg)
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value)[:6000])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        client.log_artifact(run_id, str(path))
+
+
+def run_pipeline(cfg: Config, parent_run_id: Optional[str] = None) -> dict:
+    """Run every unfinished stage; returns {stage: result or "skipped"} plus the summary text."""
+    from pipelines.cluster import ensure_ray
+
+    ensure_ray(cfg.ray)
+    results: dict[str, object] = {}
+    with stage_run(cfg, "pipeline", parent_run_id=parent_run_id) as run_id:
+        _log_config(cfg, run_id)
+        client = client_for(cfg)
+        for name, complete, run_stage in _stages():
+            if complete(cfg):
+                print(f"[vitscale] {name}: output complete, skipped", flush=True)
+                results[name] = "skipped"
+                client.set_tag(run_id, f"vitscale.{name}", "skipped")
+                continue
+            print(f"[vitscale] {name}: starting", flush=True)
+            t0 = time.time()
+            with stage_run(cfg, name, parent_run_id=run_id) as stage_run_id:
+                results[name] = run_stage(cfg, run_id=stage_run_id)
+            seconds = time.time() - t0
+            client.log_metric(run_id, f"{name}_seconds", seconds)
+            client.set_tag(run_id, f"vitscale.{name}", "done")
+            print(f"[vitscale] {name}: done in {seconds:.0f} s", flush=True)
+        results["summary"] = summary(cfg)
+        results["run_id"] = run_id
+    print(results["summary"], flush=True)
+    return results
+
+
+def summary(cfg: Config) -> str:
+    """Where everything is, the transfer table, and how to look at the runs."""
+    work = cfg.workdir.rstrip("/")
+    report = Path(work) / "transfer" / "report.md"
+    lines = [
+        "",
+        f"vitscale run '{cfg.name}' finished.",
+        f"  shards:      {work}/shards (manifest.json)",
+        f"  checkpoints: {work}/checkpoints (export: {work}/export/model.safetensors)",
+        f"  report:      {report}",
+        "",
+    ]
+    if report.is_file():
+        lines += [report.read_text().rstrip(), ""]
+    uri = tracking_uri(cfg.tracking, cfg.workdir)
+    if uri.startswith("sqlite"):
+        lines.append(f"  MLflow UI:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        lines.append(f"  MLflow:      {uri} (experiment '{cfg.tracking.experiment}')")
+    return "\n".join(lines)
+
+
+def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
+    run_pipeline(cfg)
+    return 0
