@@ -180,11 +180,12 @@ class ViT(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed(x)  # (B, D, h, w)
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         pos = self.pos_embed
-        if x.shape[1] + (self.cls_token is not None) != pos.shape[1]:
-            grid = int(math.isqrt(x.shape[1]))
-            pos = resample_pos_embed(pos, (grid, grid), num_prefix_tokens=int(self.cls_token is not None))
+        if grid != (self.cfg.grid, self.cfg.grid):  # another resolution than trained at (paper §3.2)
+            pos = resample_pos_embed(pos, grid, num_prefix_tokens=int(self.cls_token is not None))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.pos_drop(x + pos)
@@ -215,22 +216,31 @@ class ViT(nn.Module):
 
 
 def resample_pos_embed(
-    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    old_grid: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """2-D bicubic interpolation of position embeddings to a new patch grid (paper §3.2).
+    """2-D bicubic interpolation of position embeddings (1, prefix + h*w, D) to a new patch grid (paper §3.2).
 
-    Prefix tokens (the class token) are kept aside unchanged; matches timm's ``resample_abs_pos_embed``.
+    Prefix tokens (the class token) are kept aside unchanged. ``old_grid`` defaults to a square grid.
+    Same arithmetic as timm's ``resample_abs_pos_embed`` defaults: fp32, bicubic, antialias on (which
+    only changes downsampling), align_corners off.
     """
     prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(math.isqrt(grid_tokens.shape[1]))
-    if old * old != grid_tokens.shape[1]:
-        raise ValueError(f"position embedding of {grid_tokens.shape[1]} tokens is not a square grid")
-    if (old, old) == tuple(new_grid):
+    n = grid_tokens.shape[1]
+    if old_grid is None:
+        side = math.isqrt(n)
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"position embedding of {n} tokens is not a {old_grid[0]}x{old_grid[1]} grid")
+    if old_grid == new_grid:
         return pos_embed
     dtype = pos_embed.dtype
-    g = grid_tokens.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # (1, D, h, w)
-    g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
-    g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(dtype)
+    g = grid_tokens.reshape(1, *old_grid, -1).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    g = F.interpolate(g, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(dtype)  # (1, h'*w', D)
     return torch.cat([prefix, g], dim=1)
 
 
