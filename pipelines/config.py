@@ -43,6 +43,7 @@ class DownloadConfig:
     timeout_s: float = 10.0
     retries: int = 2
     threads: int = 16
+    backoff_s: float = 0.5  # first retry waits this long, then doubles
     respect_noai: bool = True  # honour X-Robots-Tag: noai / noimageai
 
 
@@ -67,6 +68,7 @@ class ShardConfig:
     min_size: int = 16
     max_pixels: int = 89478485
     max_in_flight: Optional[int] = None  # shard tasks in flight; None = 2 x cluster CPUs
+    task_retries: int = 3  # Ray retries of a shard task whose worker died (the shard is redone whole)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     builtin: BuiltinSourceConfig = field(default_factory=BuiltinSourceConfig)
 
@@ -307,6 +309,10 @@ def validate(cfg: Config) -> None:
         "shard.max_pixels": (s.max_pixels, 1),
         "shard.download.threads": (s.download.threads, 1),
         "shard.download.retries": (s.download.retries, 0),
+        "shard.task_retries": (s.task_retries, 0),
+        "shard.builtin.classes": (s.builtin.classes, 1),
+        "shard.builtin.images_per_class": (s.builtin.images_per_class, 1),
+        "shard.builtin.image_size": (s.builtin.image_size, 8),
         "model.img_size": (m.img_size, 1),
         "pretrain.workers": (p.workers, 1),
         "pretrain.micro_batch": (p.micro_batch, 1),
@@ -328,6 +334,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
     if not 1 <= s.quality <= 100:
         raise ConfigError(f"shard.quality: must be in 1..100, got {s.quality}")
+    if s.samples_per_shard > 1_000_000:  # keys are SSSSSS_IIIIII
+        raise ConfigError(f"shard.samples_per_shard: at most 1000000 (6-digit sample keys), got {s.samples_per_shard}")
+    if s.max_in_flight is not None and s.max_in_flight < 1:
+        raise ConfigError(f"shard.max_in_flight: must be >= 1 or null, got {s.max_in_flight}")
+    if s.download.backoff_s < 0:
+        raise ConfigError(f"shard.download.backoff_s: must be >= 0, got {s.download.backoff_s}")
     if s.download.timeout_s <= 0:
         raise ConfigError(f"shard.download.timeout_s: must be > 0, got {s.download.timeout_s}")
     if p.global_batch % (p.micro_batch * p.workers):
