@@ -1,0 +1,143 @@
+"""Decode and augment one sample, normalise and mix one batch (torchvision.transforms.v2).
+
+Training: Inception crop (``v2.RandomResizedCrop`` with ``augment.crop_scale``), horizontal flip, optional
+RandAugment; per batch: scale to float, normalise with ``augment.mean`` / ``augment.std``, optional
+mixup / cutmix. Evaluation: resize the shorter side to ``img_size / crop_ratio``, center crop.
+
+Decoding: the crop box is drawn from the JPEG header (``PIL.Image.open`` reads no pixels), so a JPEG much
+larger than the crop needs is decoded at 1/2, 1/4 or 1/8 scale with Pillow's draft mode; all others go
+through ``torchvision.io.decode_jpeg``, which decoded 256-px JPEGs about 10 to 20 % faster per core than
+Pillow on this project's machines (``vitscale bench loader`` prints both rates). Non-JPEG images use Pillow.
+
+Randomness comes from torch's global generator, seeded once per batch by the caller (``seeded``), so a
+batch is a pure function of its raw samples and its seed: that is what makes resume exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from pretrain.errors import InputError
+
+EVAL_CROP_RATIO = 0.875  # resize to img_size / 0.875 (256 for 224), then center crop: the usual eval protocol
+
+
+class CorruptImage(Exception):
+    """The bytes are not an image we can decode."""
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's global CPU generator at ``seed``, then put the caller's state back."""
+    saved = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved)
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))  # header only: size and format, no pixels yet
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for garbage bytes
+        raise CorruptImage(f"not an image ({type(e).__name__}: {e})") from None
+
+
+def _draft_factor(im: Image.Image, crop_w: float, crop_h: float, out_w: int, out_h: int) -> int:
+    """The largest JPEG DCT scale-down (1, 2, 4 or 8) that leaves the crop at least ``out_w`` x ``out_h``."""
+    if im.format != "JPEG":
+        return 1
+    factor = 1
+    while factor < 8 and crop_w >= 2 * factor * out_w and crop_h >= 2 * factor * out_h:
+        factor *= 2
+    return factor
+
+
+def decode(data: bytes, im: Image.Image, factor: int = 1) -> torch.Tensor:
+    """Pixels as uint8 [3, H, W]; ``factor`` > 1 decodes the JPEG at 1/factor scale (Pillow draft mode)."""
+    try:
+        if factor > 1:
+            # floor, because Pillow picks the scale as (full size // requested size)
+            im.draft("RGB", (im.width // factor, im.height // factor))
+        elif im.format == "JPEG":
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    except Exception as e:  # noqa: BLE001 - truncated or damaged data surfaces as many error types
+        raise CorruptImage(f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+class EvalTransform:
+    """bytes -> uint8 [3, S, S]: shorter side to ``S / crop_ratio``, center crop S; then normalise a batch."""
+
+    def __init__(self, img_size: int, mean, std, crop_ratio: float = EVAL_CROP_RATIO):
+        self.size = [img_size, img_size]
+        self.resize = int(round(img_size / crop_ratio))
+        self.mean, self.std = list(mean), list(std)
+
+    def sample(self, data: bytes, im: Optional[Image.Image] = None) -> torch.Tensor:
+        """Decode, resize and center-crop one image to uint8 [3, S, S]. Raises CorruptImage."""
+        im = im if im is not None else _open(data)
+        short = min(im.width, im.height)
+        x = decode(data, im, _draft_factor(im, short, short, self.resize, self.resize))
+        x = F.resize(x, [self.resize], antialias=True)
+        return F.center_crop(x, self.size)
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S]; labels unchanged."""
+        return F.normalize(F.to_dtype(images, torch.float32, scale=True), self.mean, self.std, inplace=True), labels
+
+
+class TrainTransform:
+    """Per sample: bytes -> uint8 [3, S, S]; per batch: uint8 [B, 3, S, S] -> normalised float (+ mixup)."""
+
+    def __init__(self, augment: Any, img_size: int, num_classes: Optional[int] = None):
+        self.size = [img_size, img_size]
+        self.inception = augment.crop == "inception"
+        self.crop = v2.RandomResizedCrop(img_size, scale=tuple(augment.crop_scale), antialias=True)
+        self.flip = bool(augment.flip)
+        self.randaugment = v2.RandAugment(*augment.randaugment) if augment.randaugment else None
+        self.eval = EvalTransform(img_size, augment.mean, augment.std)
+        self.mean, self.std = list(augment.mean), list(augment.std)
+        mixers = []
+        if augment.mixup > 0:
+            mixers.append(v2.MixUp(alpha=augment.mixup, num_classes=num_classes))
+        if augment.cutmix > 0:
+            mixers.append(v2.CutMix(alpha=augment.cutmix, num_classes=num_classes))
+        if mixers and not num_classes:
+            raise InputError("augment.mixup / augment.cutmix need num_classes (soft targets are [B, num_classes])")
+        self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
+
+    def sample(self, data: bytes) -> torch.Tensor:
+        """Decode and crop one image to uint8 [3, S, S]. Raises CorruptImage."""
+        im = _open(data)
+        if self.inception:
+            full_h, full_w = im.height, im.width
+            p = self.crop.make_params([im])  # the box on the full-size image, from the header alone
+            x = decode(data, im, _draft_factor(im, p["width"], p["height"], self.size[1], self.size[0]))
+            sy, sx = x.shape[-2] / full_h, x.shape[-1] / full_w  # 1.0 unless decoded in draft mode
+            x = F.resized_crop(x, int(p["top"] * sy), int(p["left"] * sx), max(1, round(p["height"] * sy)),
+                               max(1, round(p["width"] * sx)), self.size, antialias=True)
+        else:
+            x = self.eval.sample(data, im)
+        if self.flip and torch.rand(()) < 0.5:
+            x = F.horizontal_flip(x)
+        if self.randaugment is not None:
+            x = self.randaugment(x)
+        return x
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, S, S] -> float [B, 3, S, S] normalised; with mixup/cutmix labels become float [B, C]."""
+        x = F.normalize(F.to_dtype(images, torch.float32, scale=True), self.mean, self.std, inplace=True)
+        if self.mix is not None:
+            x, labels = self.mix(x, labels)
+        return x, labels

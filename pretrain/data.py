@@ -1,0 +1,510 @@
+"""The streaming WebDataset loader: infinite, deterministic, exactly resumable training streams and an
+exactly-once evaluation pass.
+
+One training stream per (rank, loader worker), read top to bottom:
+
+    shard draws    with replacement, ``len(urls)`` draws per epoch, seeded by (seed, rank, worker, epoch)
+    raw samples    tar members grouped by key (webdataset ``tar_file_iterator`` + ``group_by_keys``); bytes only
+    shuffle        a shuffle buffer refilled one whole window of ``shuffle_buffer`` raw samples at a time and
+                   emitted in an order seeded by (seed, rank, worker, window)
+    label          ``cls``, ``txt`` or ``json:FIELD``; a sample without one is an InputError naming the key
+    decode/augment ``pretrain.augment.TrainTransform``, torch's generator seeded by (seed, rank, worker, batch)
+    batch          normalise (+ mixup/cutmix) -> (float [B, 3, S, S], long [B] or float [B, C] soft targets)
+
+Why a windowed shuffle buffer instead of webdataset's sliding one: a sliding buffer's contents depend on the
+whole history of the stream, so an exact resume would have to replay every sample read so far. Here the
+position of a stream is (shard draw and raw index where the current window starts, window number, samples of
+it taken, batches): resuming re-reads at most one shard prefix and one window of raw bytes and decodes nothing
+it skips. The stream is infinite, so every rank yields as many batches as the caller asks for, whatever the
+number of shards (even fewer than ranks x workers): the caller counts steps.
+
+Corrupt data never stops a run: an undecodable or missing image is skipped (``skipped_corrupt``), a tar that
+cannot be opened or read to its end (truncated, bad member header) ends that shard (``bad_shards``); both are
+logged as warnings and counted (``TrainLoader.counts()``). Only data with no decodable image for a long run
+raises, since that is a wrong path or format, not a bad sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import posixpath
+import random
+from collections import Counter
+from itertools import islice
+from typing import IO, Any, Iterator, Optional, Sequence
+
+import fsspec
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pretrain.augment import EVAL_CROP_RATIO, CorruptImage, EvalTransform, TrainTransform, seeded
+from pretrain.errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_CORRUPT_RUN = 1000  # this many undecodable samples in a row is a wrong path or format, not bad luck
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- shard lists
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _join(base: str, name: str) -> str:
+    return posixpath.join(base, name) if _is_remote(base) else os.path.join(base, name)
+
+
+def _read_manifest(path: str) -> tuple[list[str], dict]:
+    try:
+        with fsspec.open(path, "rt") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: manifest not found") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON: {e}") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not shards or not all(isinstance(s, dict) and "name" in s for s in shards):
+        raise InputError(f"{path}: needs a non-empty 'shards' list of {{name, samples, ...}}")
+    base = path.rsplit("/", 1)[0] if _is_remote(path) else os.path.dirname(os.path.abspath(path))
+    return [_join(base, s["name"]) for s in shards], manifest
+
+
+def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
+    """A manifest.json path, a shard directory or a brace pattern -> (shard urls, manifest or None).
+
+    A directory with a ``manifest.json`` uses it; one without lists its ``*.tar`` files. Patterns such as
+    ``dir/{000000..000009}.tar`` or ``s3://bucket/{000000..041455}.tar`` are expanded as webdataset does.
+    Local paths are checked here, so a typo fails before any worker starts.
+    """
+    spec = str(spec)
+    if spec.endswith(".json"):
+        urls, manifest = _read_manifest(spec)
+    elif "{" in spec or spec.endswith((".tar", ".tar.gz", ".tgz")) or spec.startswith("pipe:"):
+        urls, manifest = expand_urls(spec), None
+    else:
+        fs, root = fsspec.core.url_to_fs(spec)
+        if fs.exists(posixpath.join(root, "manifest.json")):
+            urls, manifest = _read_manifest(_join(spec, "manifest.json"))
+        elif fs.isdir(root):
+            names = sorted(posixpath.basename(p) for p in fs.glob(posixpath.join(root, "*.tar")))
+            urls, manifest = [_join(spec, n) for n in names], None
+        else:
+            raise InputError(f"{spec}: no such shard directory, manifest or pattern")
+    if not urls:
+        raise InputError(f"{spec}: no shards found")
+    missing = [u for u in urls if not _is_remote(u) and not u.startswith("pipe:")
+               and not os.path.isfile(u.removeprefix("file://"))]
+    if missing:
+        raise InputError(f"{spec}: {len(missing)} shard(s) missing, first {missing[0]}")
+    return urls, manifest
+
+
+def num_classes_of(manifest: dict) -> int:
+    """The number of classes a manifest declares (its ``label_names``, or ``num_classes``)."""
+    if manifest.get("label_names"):
+        return len(manifest["label_names"])
+    if manifest.get("num_classes"):
+        return int(manifest["num_classes"])
+    raise InputError("manifest.json: has neither 'label_names' nor 'num_classes'; set pretrain.num_classes")
+
+
+# --------------------------------------------------------------------------- raw samples
+
+
+def open_url(url: str) -> IO[bytes]:
+    """A local path, ``file://``, ``pipe:CMD`` (webdataset's handler) or any fsspec URL (s3://, gs://, ...)."""
+    if url.startswith("pipe:"):
+        return gopen(url, "rb")
+    if _is_remote(url):
+        return fsspec.open(url, "rb").open()
+    return open(url.removeprefix("file://"), "rb")
+
+
+def read_shard(url: str, counts: Counter) -> Iterator[dict]:
+    """Raw samples of one tar (``{"__key__", "jpg": bytes, ...}``), nothing decoded. A tar that cannot be
+    opened or read to its end is cut there with a warning and counted in ``counts["bad_shards"]``."""
+    try:
+        with open_url(url) as stream:
+            members = ({**m, "__url__": url} for m in tar_file_iterator(stream))
+            yield from group_by_keys(members)
+    except Exception as e:  # noqa: BLE001 - tarfile, gzip, zlib and fsspec each raise their own types
+        counts["bad_shards"] += 1
+        log.warning("shard %s: read error, rest of the shard skipped (%s: %s)", url, type(e).__name__, e)
+
+
+def check_label_key(label_key: str) -> None:
+    if not (label_key in ("cls", "txt") or (label_key.startswith("json:") and len(label_key) > 5)):
+        raise InputError(f"label_key: must be cls, txt or json:FIELD, got {label_key!r}")
+
+
+def label_of(sample: dict, label_key: str) -> int:
+    """The integer class id of a raw sample; a missing or non-integer label is an InputError naming the key."""
+    where = f"{sample.get('__url__')}: sample {sample.get('__key__')!r}"
+    members = sorted(k for k in sample if not k.startswith("__"))
+    if label_key.startswith("json:"):
+        field = label_key[5:]
+        try:
+            value = json.loads(sample["json"]).get(field) if "json" in sample else None
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+    else:
+        raw = sample.get(label_key)
+        value = raw.decode("utf-8", "replace").strip() if raw is not None else None
+    if value is None:
+        raise InputError(f"{where} has no label under label_key {label_key!r} (its members: {', '.join(members)}); "
+                         "set pretrain.label_key to cls, txt or json:FIELD")
+    try:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: label {value!r} under label_key {label_key!r} is not an integer class id") from None
+
+
+def _decode(sample: dict, transform: Any, label_key: str, counts: Counter) -> Optional[tuple[torch.Tensor, int]]:
+    """(uint8 image, label), or None for a sample skipped as corrupt (warned and counted)."""
+    label = label_of(sample, label_key)
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    try:
+        if data is None:
+            raise CorruptImage(f"no image member ({', '.join(IMAGE_KEYS)})")
+        return transform.sample(data), label
+    except CorruptImage as e:
+        counts["skipped_corrupt"] += 1
+        log.warning("%s: sample %r skipped: %s", sample.get("__url__"), sample.get("__key__"), e)
+        return None
+
+
+def _seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any tuple of ints and strings (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+# --------------------------------------------------------------------------- one training stream
+
+
+class _Draws:
+    """Shard indices of one stream: ``n`` draws with replacement per epoch, seeded per epoch."""
+
+    def __init__(self, n: int, *seed_parts: Any):
+        self.n, self.seed_parts, self.epoch, self.order = n, seed_parts, -1, []
+
+    def __call__(self, k: int) -> int:
+        epoch, i = divmod(k, self.n)
+        if epoch != self.epoch:
+            rng = random.Random(_seed(*self.seed_parts, epoch))
+            self.epoch, self.order = epoch, [rng.randrange(self.n) for _ in range(self.n)]
+        return self.order[i]
+
+
+def _raw_stream(urls: Sequence[str], draws: _Draws, draw: int, skip: int, counts: Counter) -> Iterator[tuple]:
+    """(draw, raw index in its shard, sample) forever, from raw sample ``skip`` of draw ``draw`` on."""
+    empty = 0
+    for k in itertools.count(draw):
+        url, n = urls[draws(k)], 0
+        for i, sample in enumerate(read_shard(url, counts)):
+            n += 1
+            if k == draw and i < skip:
+                continue  # resume: skipped as raw bytes, never decoded
+            yield k, i, sample
+        empty = 0 if n else empty + 1
+        if empty > max(20, 3 * len(urls)):
+            raise InputError(f"no samples could be read from {empty} shard draws in a row (last: {url})")
+
+
+class _Window:
+    """The shuffle buffer of one stream, refilled a whole window at a time (see the module docstring)."""
+
+    def __init__(self, raw_from: Any, pos: dict, size: int, seed_parts: tuple):
+        self.raw_from, self.size, self.seed_parts = raw_from, size, seed_parts
+        self.start, self.index, self.taken = (pos["draw"], pos["skip"]), pos["window"], pos["taken"]
+        self._raw = raw_from(*self.start)
+        self._fill()
+
+    def _fill(self) -> None:
+        entries = list(islice(self._raw, self.size))
+        self._next_start = (entries[-1][0], entries[-1][1] + 1)
+        order = list(range(len(entries)))
+        random.Random(_seed(*self.seed_parts, self.index)).shuffle(order)
+        self._items = [entries[j][2] for j in order]
+
+    def next(self) -> dict:
+        if self.taken == len(self._items):
+            self.start, self.index, self.taken = self._next_start, self.index + 1, 0
+            self._fill()
+        item, self._items[self.taken] = self._items[self.taken], None  # free the bytes as they go
+        self.taken += 1
+        return item
+
+    def position(self) -> dict:
+        if self.taken == len(self._items):
+            return {"draw": self._next_start[0], "skip": self._next_start[1], "window": self.index + 1, "taken": 0}
+        return {"draw": self.start[0], "skip": self.start[1], "window": self.index, "taken": self.taken}
+
+
+def _fresh_position() -> dict:
+    return {"draw": 0, "skip": 0, "window": 0, "taken": 0, "batches": 0, "counts": {}}
+
+
+class _TrainStreams(IterableDataset):
+    """The ``num_streams`` training streams of one rank; DataLoader worker j runs stream (j + rotation) % n."""
+
+    def __init__(self, urls: list[str], positions: list[dict], rotation: int, *, seed: int, rank: int,
+                 batch_size: int, shuffle_buffer: int, label_key: str, transform: TrainTransform):
+        super().__init__()
+        self.urls, self.positions, self.rotation = urls, positions, rotation
+        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.window_size, self.label_key, self.transform = max(1, shuffle_buffer), label_key, transform
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        info = get_worker_info()
+        return self.stream(((info.id if info else 0) + self.rotation) % len(self.positions))
+
+    def stream(self, w: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """Batches of stream ``w`` from its saved position, each with the position after it."""
+        pos, counts = self.positions[w], Counter(self.positions[w]["counts"])
+        draws = _Draws(len(self.urls), self.seed, "shards", self.rank, w)
+        window = _Window(lambda draw, skip: _raw_stream(self.urls, draws, draw, skip, counts), pos,
+                         self.window_size, (self.seed, "window", self.rank, w))
+        batches = pos["batches"]
+        while True:
+            with seeded(_seed(self.seed, "augment", self.rank, w, batches)):
+                images, labels = self._batch(window, counts)
+            batches += 1
+            yield images, labels, {"stream": w, "pos": {**window.position(), "batches": batches,
+                                                        "counts": dict(counts)}}
+
+    def _batch(self, window: _Window, counts: Counter) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, bad = [], [], 0
+        while len(images) < self.batch_size:
+            item = _decode(window.next(), self.transform, self.label_key, counts)
+            if item is None:
+                bad += 1
+                if bad >= MAX_CORRUPT_RUN:
+                    raise InputError(f"{bad} undecodable samples in a row in {self.urls[0]} ...: not image shards?")
+                continue
+            bad = 0
+            images.append(item[0])
+            labels.append(item[1])
+        counts["samples"] += len(images)
+        return self.transform.batch(torch.stack(images), torch.tensor(labels))
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _sum_counts(dicts: Sequence[dict]) -> dict:
+    total: Counter = Counter({"samples": 0, "skipped_corrupt": 0, "bad_shards": 0})
+    for d in dicts:
+        total.update(d)
+    return dict(total)
+
+
+def _shards_id(urls: Sequence[str]) -> str:
+    return hashlib.blake2b("\n".join(posixpath.basename(u) for u in urls).encode(), digest_size=8).hexdigest()
+
+
+class TrainLoader:
+    """Infinite iterator of (images float [B, 3, S, S], labels) for one rank.
+
+    Labels are long [B] class ids, or float [B, num_classes] soft targets when mixup/cutmix is on.
+    Batches come from the rank's streams in a fixed round robin; ``state_dict()`` records each stream's
+    position after the last batch *returned* (prefetched batches are not counted), so a loader built with
+    ``state=`` returns exactly the batches an uninterrupted one would have returned next.
+    """
+
+    def __init__(self, dataset: _TrainStreams, identity: dict, batches: int, carried: dict, loader_kwargs: dict):
+        self.dataset, self.identity, self.batches, self.carried = dataset, identity, batches, carried
+        self.positions = [dict(p) for p in dataset.positions]
+        self._loader_kwargs, self._it = loader_kwargs, None
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._it = iter(DataLoader(self.dataset, batch_size=None, **self._loader_kwargs))
+        images, labels, meta = next(self._it)
+        self.positions[meta["stream"]] = meta["pos"]
+        self.batches += 1
+        return images, labels
+
+    def state_dict(self) -> dict:
+        """Small and JSON-able: the stream identity plus, per stream, its position, batch count and counts."""
+        return {"version": STATE_VERSION, **self.identity, "batches": self.batches, "carried": self.carried,
+                "streams": [dict(p) for p in self.positions]}
+
+    def counts(self) -> dict:
+        """Cumulative ``samples``, ``skipped_corrupt`` and ``bad_shards`` of this rank's streams (for metrics)."""
+        return _sum_counts([self.carried] + [p["counts"] for p in self.positions])
+
+    def close(self) -> None:
+        """Stop the loader workers now (they also stop when the loader is garbage collected)."""
+        self._it = None
+
+
+def make_train_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, seed: int,
+                      img_size: int, augment: Any, label_key: str = "cls", shuffle_buffer: int = 1000,
+                      num_workers: int = 2, state: Optional[dict] = None, num_classes: Optional[int] = None,
+                      pin_memory: bool = False) -> TrainLoader:
+    """The training loader of one rank: ``max(1, num_workers)`` independent infinite streams.
+
+    ``augment`` is duck-typed like ``pipelines.config.AugmentConfig`` (crop, flip, crop_scale, randaugment,
+    mixup, cutmix, mean, std); mixup/cutmix need ``num_classes``. ``state`` is a ``state_dict()`` of an
+    earlier loader: with the same seed, rank, world size, workers, batch size, buffer and shards it continues
+    exactly; otherwise (e.g. a world-size change) it starts fresh streams seeded by the batches already
+    taken, so the restarted run does not replay the data order it has seen, and says so in a warning.
+    """
+    urls = list(urls)
+    if not urls:
+        raise InputError("make_train_loader: no shard urls")
+    if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
+        raise InputError(f"make_train_loader: bad rank/world_size/batch_size/num_workers "
+                         f"{rank}/{world_size}/{batch_size}/{num_workers}")
+    check_label_key(label_key)
+    streams = max(1, num_workers)
+    identity = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": streams,
+                "batch_size": batch_size, "shuffle_buffer": shuffle_buffer, "shards": _shards_id(urls)}
+    stream_seed, positions, batches, carried = seed, [_fresh_position() for _ in range(streams)], 0, {}
+    if state is not None:
+        if state.get("version") != STATE_VERSION:
+            raise InputError(f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}")
+        same = all(state.get(k) == v for k, v in identity.items())
+        carried = _sum_counts([state.get("carried", {})] + [p["counts"] for p in state["streams"]])
+        if same:
+            stream_seed, positions, batches = state["stream_seed"], state["streams"], state["batches"]
+            carried = dict(state.get("carried", {}))
+        else:
+            changed = [k for k, v in identity.items() if state.get(k) != v]
+            stream_seed = _seed(seed, "restart", state.get("stream_seed"), state.get("batches"))
+            log.warning("loader state for another layout (%s changed): fresh streams, not an exact resume",
+                        ", ".join(changed))
+    identity["stream_seed"] = stream_seed
+    dataset = _TrainStreams(urls, positions, batches % streams, seed=stream_seed, rank=rank,
+                            batch_size=batch_size, shuffle_buffer=shuffle_buffer, label_key=label_key,
+                            transform=TrainTransform(augment, img_size, num_classes))
+    kwargs = {"num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers:
+        kwargs["prefetch_factor"] = 2
+    return TrainLoader(dataset, identity, batches, carried, kwargs)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _eval_plan(n_urls: int, sizes: Optional[Sequence[int]], g: int, n_streams: int) -> list[tuple]:
+    """What stream ``g`` of ``n_streams`` reads: (shard index, first, stop, modulo).
+
+    With the shard sizes known (manifest) every stream takes one contiguous slice of the global sample order,
+    so it opens only the shards it needs. Without them every stream reads every shard and keeps the samples
+    with (shard index + raw index) % n_streams == g. Either way each sample goes to exactly one stream.
+    """
+    if sizes is None:
+        return [(j, 0, None, (g - j) % n_streams) for j in range(n_urls)]
+    total = sum(sizes)
+    lo, hi = g * total // n_streams, (g + 1) * total // n_streams
+    plan, offset = [], 0
+    for j, n in enumerate(sizes):
+        first, stop = max(lo - offset, 0), min(hi - offset, n)
+        if first < stop:
+            plan.append((j, first, stop, None))
+        offset += n
+    return plan
+
+
+class _EvalStreams(IterableDataset):
+    """The evaluation streams of one rank: DataLoader worker j reads stream rank * workers + j, once."""
+
+    def __init__(self, urls: list[str], sizes: Optional[Sequence[int]], *, rank: int, world_size: int,
+                 streams: int, batch_size: int, label_key: str, transform: EvalTransform):
+        super().__init__()
+        self.urls, self.sizes, self.rank, self.world_size, self.streams = urls, sizes, rank, world_size, streams
+        self.batch_size, self.label_key, self.transform = batch_size, label_key, transform
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        info = get_worker_info()
+        g = self.rank * self.streams + (info.id if info else 0)
+        counts: Counter = Counter()
+        images, labels = [], []
+        for j, first, stop, modulo in _eval_plan(len(self.urls), self.sizes, g, self.world_size * self.streams):
+            for i, sample in enumerate(read_shard(self.urls[j], counts)):
+                if stop is not None and i >= stop:
+                    break
+                if i < first or (modulo is not None and i % (self.world_size * self.streams) != modulo):
+                    continue  # another stream's sample: skipped as raw bytes
+                item = _decode(sample, self.transform, self.label_key, counts)
+                if item is None:
+                    continue
+                images.append(item[0])
+                labels.append(item[1])
+                if len(images) == self.batch_size:
+                    yield self._emit(images, labels, counts, g)
+                    images, labels = [], []
+        if images:
+            yield self._emit(images, labels, counts, g)  # the last partial batch is kept
+        elif counts:
+            yield None, None, {"stream": g, "counts": dict(counts)}  # nothing to emit, but counts to report
+
+    def _emit(self, images: list, labels: list, counts: Counter, g: int) -> tuple:
+        counts["samples"] += len(images)
+        x, y = self.transform.batch(torch.stack(images), torch.tensor(labels))
+        return x, y, {"stream": g, "counts": dict(counts)}
+
+
+class EvalLoader:
+    """One pass per ``iter()``: every sample exactly once across ranks and workers, last partial batch kept."""
+
+    def __init__(self, dataset: _EvalStreams, num_samples: Optional[int], loader_kwargs: dict):
+        self.dataset, self.num_samples, self._loader_kwargs = dataset, num_samples, loader_kwargs
+        self._counts: dict[int, dict] = {}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._counts = {}
+        for images, labels, meta in DataLoader(self.dataset, batch_size=None, **self._loader_kwargs):
+            self._counts[meta["stream"]] = meta["counts"]
+            if images is not None:
+                yield images, labels
+
+    def counts(self) -> dict:
+        """``samples``, ``skipped_corrupt``, ``bad_shards`` of this rank in the current or last pass."""
+        return _sum_counts(list(self._counts.values()))
+
+
+def make_eval_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, img_size: int,
+                     label_key: str = "cls", num_workers: int = 1, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                     std: Sequence[float] = (0.5, 0.5, 0.5), shard_sizes: Optional[Sequence[int]] = None,
+                     crop_ratio: float = EVAL_CROP_RATIO, pin_memory: bool = False) -> EvalLoader:
+    """The evaluation loader of one rank: resize to ``img_size / crop_ratio``, center crop, normalise.
+
+    ``shard_sizes`` (the manifest's per-shard ``samples``) lets each stream open only its own slice of
+    the data and gives ``EvalLoader.num_samples``; without it every stream reads all shards (raw) and
+    decodes its share. Ranks may get batch counts that differ by one or two (the split is by sample).
+    """
+    urls = list(urls)
+    if not urls:
+        raise InputError("make_eval_loader: no shard urls")
+    if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
+        raise InputError(f"make_eval_loader: bad rank/world_size/batch_size/num_workers "
+                         f"{rank}/{world_size}/{batch_size}/{num_workers}")
+    if shard_sizes is not None and len(shard_sizes) != len(urls):
+        raise InputError(f"make_eval_loader: {len(shard_sizes)} shard sizes for {len(urls)} shards")
+    check_label_key(label_key)
+    streams = max(1, num_workers)
+    num_samples = None
+    if shard_sizes is not None:
+        plans = [_eval_plan(len(urls), shard_sizes, rank * streams + j, world_size * streams) for j in range(streams)]
+        num_samples = sum(stop - first for plan in plans for _, first, stop, _ in plan)
+    dataset = _EvalStreams(urls, shard_sizes, rank=rank, world_size=world_size, streams=streams,
+                           batch_size=batch_size, label_key=label_key,
+                           transform=EvalTransform(img_size, mean, std, crop_ratio))
+    return EvalLoader(dataset, num_samples, {"num_workers": num_workers, "pin_memory": pin_memory})
