@@ -1,0 +1,249 @@
+"""``vitscale submit`` and ``vitscale jobs`` against a real Ray head started here with ``ray start``.
+
+The head runs with token authentication on (what infra/README.md recommends), so the tests also
+show that a client without the right token is turned away with exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import cli
+from pipelines.config import load_config
+from pipelines.submit import JOB_CONFIG, credentials_from_env, job_config, stage_working_dir
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes whose session id is ``sid`` (/proc/PID/stat: state and session follow the name)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    """Stop exactly the Ray processes this test started.
+
+    ``ray stop`` would kill every Ray process on the machine, including other test sessions'
+    clusters, so the head was started in a session of its own (``start_new_session``) and only that
+    session's processes are killed, Ray's workers included (they have their own process groups but
+    stay in the session). Nothing of this throwaway cluster needs a graceful shutdown.
+    """
+    for _ in range(40):
+        pids = _session_pids(proc.pid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.25)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+
+
+@dataclass
+class Head:
+    address: str
+    temp_dir: Path
+    env: dict  # a client environment that holds the cluster's token
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    token = uuid.uuid4().hex
+    # Short, unique temp dir: Ray's unix socket paths must stay under ~107 characters, and its own
+    # ray_current_cluster file lands here, so no other session's ray.init() finds this head.
+    temp_dir = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
+    dash = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu")
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "2",
+           "--temp-dir", str(temp_dir), "--port", str(_free_port()),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+           "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
+           "--metrics-export-port", str(_free_port())]
+    log = open(temp_dir / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401: up, and asking for the token
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray head did not come up:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield Head(address, temp_dir, env)
+    finally:
+        _stop_head(proc)
+        log.close()
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _vitscale(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "vitscale"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    rng = __import__("random").Random(0)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            color = tuple(rng.randrange(256) for _ in range(3))
+            Image.new("RGB", (48, 40), color).save(root / label / f"{i}.jpg", quality=90)
+    return root
+
+
+def _config(tmp_path: Path) -> Path:
+    data = {
+        "name": "subtest",
+        "workdir": str(tmp_path / "work"),
+        "shard": {"source": str(_image_folder(tmp_path / "images")), "samples_per_shard": 4, "image_size": 32},
+        "model": {"variant": "mu/4", "img_size": 32},
+        "transfer": {"img_size": 32, "datasets": ["digits"]},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_submit_shard_job_then_status_logs_list(ray_head, tmp_path):
+    cfg_path = _config(tmp_path)
+    secret = f"pw-{uuid.uuid4().hex}"
+    env = dict(ray_head.env, MLFLOW_TRACKING_PASSWORD=secret, AWS_ACCESS_KEY_ID="AKIDTEST")
+    res = _vitscale(["submit", str(cfg_path), "--address", ray_head.address, "--stage", "shard"], env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    job_id = next(w for w in res.stdout.split() if w.startswith("vitscale-subtest-shard-")).rstrip(":")
+    assert f"job {job_id}: SUCCEEDED" in res.stdout
+
+    # The stage ran on the cluster and wrote its shards where the config said.
+    manifest = json.loads((tmp_path / "work" / "shards" / "manifest.json").read_text())
+    assert sum(s["samples"] for s in manifest["shards"]) == 8
+
+    # What was uploaded: the checkout without .venv/.git/runs, plus the resolved config.
+    shipped = list(ray_head.temp_dir.glob(f"session_*/runtime_resources/working_dir_files/*/{JOB_CONFIG}"))
+    assert len(shipped) == 1
+    updir = shipped[0].parent
+    assert (updir / "pipelines" / "submit.py").is_file()
+    assert not any((updir / d).exists() for d in (".venv", ".git", "runs"))
+    assert secret not in shipped[0].read_text()
+    assert load_config(shipped[0]) == job_config(load_config(cfg_path))
+
+    status = _vitscale(["jobs", "status", job_id, "--address", ray_head.address], env)
+    assert status.returncode == 0, status.stderr
+    assert "SUCCEEDED" in status.stdout
+    assert "MLFLOW_TRACKING_PASSWORD" in status.stdout and "AWS_ACCESS_KEY_ID" in status.stdout
+    assert secret not in status.stdout
+
+    logs = _vitscale(["jobs", "logs", job_id, "--address", ray_head.address], env)
+    assert logs.returncode == 0, logs.stderr
+    assert f"vitscale shard {JOB_CONFIG}" in logs.stdout  # Ray's "Running entrypoint ..." line
+    followed = _vitscale(["jobs", "logs", job_id, "--follow", "--address", ray_head.address], env)
+    assert followed.returncode == 0 and f"vitscale shard {JOB_CONFIG}" in followed.stdout
+
+    listing = _vitscale(["jobs", "list", "--address", ray_head.address], env)
+    assert listing.returncode == 0 and job_id in listing.stdout
+
+
+def test_no_wait_then_stop(ray_head, tmp_path):
+    """A job that would run for minutes (``sleep``, sent through the real client) stops on request."""
+    from ray.job_submission import JobStatus
+
+    env = dict(ray_head.env, RAY_ADDRESS=ray_head.address)  # jobs takes $RAY_ADDRESS without --address
+    code = ("import os, ray.job_submission as j; "
+            "print(j.JobSubmissionClient(os.environ['RAY_ADDRESS']).submit_job(entrypoint='sleep 300'))")
+    job_id = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True, timeout=60).stdout.split()[-1]
+    stop = _vitscale(["jobs", "stop", job_id], env)  # waits until the job has ended
+    assert stop.returncode == 0, stop.stderr
+    assert f"{job_id}: {JobStatus.STOPPED}" in stop.stdout
+    status = _vitscale(["jobs", "status", job_id], env)
+    assert "status:     STOPPED" in status.stdout
+
+
+def test_wrong_token_exits_2(ray_head):
+    env = dict(ray_head.env, RAY_AUTH_TOKEN="not-the-token")
+    res = _vitscale(["jobs", "list", "--address", ray_head.address], env, timeout=60)
+    assert res.returncode == 2
+    assert "token" in res.stderr and ray_head.address in res.stderr
+
+
+def test_unreachable_address_exits_2(tmp_path, capsys):
+    cfg_path = _config(tmp_path)
+    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    assert cli.main(["submit", str(cfg_path), "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray dashboard" in err and address in err
+    assert cli.main(["submit", str(cfg_path), "--address", "ray://127.0.0.1:10001"]) == 2
+    assert "dashboard address" in capsys.readouterr().err
+
+
+def test_jobs_without_address_exits_2(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.main(["jobs", "list"]) == 2
+    assert "RAY_ADDRESS" in capsys.readouterr().err
+    assert cli.main(["jobs", "status", "--address", "http://127.0.0.1:1"]) == 2  # no job id
+    assert "give a job id" in capsys.readouterr().err
+
+
+def test_staged_dir_and_credentials(tmp_path):
+    src = tmp_path / "src"
+    for rel, size in [("pkg/a.py", 10), (".venv/bin/python", 10), ("runs/x/y.txt", 10), (".git/HEAD", 10),
+                      ("pkg/__pycache__/a.pyc", 10), ("data/big.bin", 9 * 2**20), ("README.md", 10)]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"x" * size)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    cfg = load_config(None, ["workdir=/shared/w"])
+    skipped = stage_working_dir(src, dest, job_config(cfg))
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == sorted(["README.md", JOB_CONFIG, "pkg/a.py"])
+    assert skipped == ["data/big.bin"]
+    shipped = load_config(dest / JOB_CONFIG)
+    assert shipped.ray.address == "auto" and shipped.workdir == "/shared/w"
+
+    env = {"AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "u", "MLFLOW_TRACKING_TOKEN": "t",
+           "MLFLOW_TRACKING_URI": "http://x", "HOME": "/root", "AWS_SESSION_TOKEN": ""}
+    assert credentials_from_env(env) == {"AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "u",
+                                         "MLFLOW_TRACKING_TOKEN": "t"}
