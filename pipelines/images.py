@@ -1,0 +1,175 @@
+"""Per-image work of the shard stage: decode, check, orient, convert to RGB, resize, encode JPEG.
+
+Kept minimal on purpose, since it is the stage's hot loop: JPEG inputs are decoded with DCT scaling
+(draft mode) straight to about the target size, the rest of the downscale first reduces by an integer
+factor (``reducing_gap``) and then filters, and an RGB JPEG already within size is checked (decoded
+at 1/8 scale) and stored as its original bytes instead of being re-encoded.
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.config import ShardConfig
+
+ORIENTATION_TAG = 0x0112
+WHITE = (255, 255, 255)
+RESAMPLE = Image.Resampling.BICUBIC
+REDUCING_GAP = 2.0  # box-reduce by an integer factor while the remaining scale stays >= 2x
+# EXIF orientation -> the transposition that makes the image upright.
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# What Pillow raises on broken files, depending on the format and where the damage is.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What the shard stage does to each image (the image part of ``ShardConfig``)."""
+
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"  # keep_ratio | center_crop | none
+    quality: int = 95
+    min_size: int = 16
+    max_pixels: int = 89478485
+
+    @classmethod
+    def from_config(cls, shard: ShardConfig) -> "ImageSettings":
+        return cls(shard.image_size, shard.resize_mode, shard.quality, shard.min_size, shard.max_pixels)
+
+
+class Rejected(Exception):
+    """An input the stage refuses. ``reason`` is a short category (for metrics), ``str()`` adds detail."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Encoded:
+    data: bytes  # JPEG
+    original_size: tuple[int, int]  # (width, height) as stored in the input, before orientation
+    size: tuple[int, int]  # (width, height) of ``data``
+    kept_original: bool
+
+
+def target_size(size: tuple[int, int], settings: ImageSettings) -> Optional[tuple[int, int]]:
+    """Output size for an upright input of ``size``, or None when it stays as it is (never upscales)."""
+    w, h = size
+    short = min(w, h)
+    if settings.resize_mode == "none":
+        return None
+    if settings.resize_mode == "center_crop":
+        side = min(short, settings.image_size)
+        return None if w == h == side else (side, side)
+    if short <= settings.image_size:
+        return None
+    scale = settings.image_size / short
+    return (settings.image_size, max(1, round(h * scale))) if w == short else (max(1, round(w * scale)), settings.image_size)
+
+
+def _crop_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred square of an image, in its own pixel coordinates."""
+    w, h = size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB: transparency over white, 16-bit and float scaled down, not clipped."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, WHITE + (255,)), rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im, dtype=np.uint32)
+        shift = 8 if mode.startswith("I;16") or a.max(initial=0) > 255 else 0
+        return Image.fromarray((np.minimum(a >> shift, 255)).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except DECODE_ERRORS:  # a broken EXIF block does not make the picture unusable
+        return 1
+    return value if value in TRANSPOSE else 1
+
+
+def _encode(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def process(data: bytes, settings: ImageSettings) -> Encoded:
+    """Turn the bytes of one input image into the JPEG stored in the shard, or raise ``Rejected``."""
+    if not data:
+        raise Rejected("empty", "zero bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bombs are checked below; palette-transparency notes are noise
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise Rejected("undecodable", "not a recognised image format") from None
+        except Image.DecompressionBombError as e:
+            raise Rejected("too_large", str(e)) from None
+        except DECODE_ERRORS as e:
+            raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None
+        return _process_open(im, data, settings)
+
+
+def _process_open(im: Image.Image, data: bytes, settings: ImageSettings) -> Encoded:
+    w, h = original = im.size
+    if w * h > settings.max_pixels:
+        raise Rejected("too_large", f"{w}x{h} is over max_pixels {settings.max_pixels}")
+    if min(w, h) < settings.min_size:
+        raise Rejected("too_small", f"{w}x{h} is under min_size {settings.min_size}")
+    is_jpeg = im.format == "JPEG"
+    orientation = _orientation(im) if is_jpeg else 1
+    upright = (h, w) if orientation >= 5 else (w, h)
+    out = target_size(upright, settings)
+    try:
+        if is_jpeg and out is None and im.mode == "RGB" and orientation == 1:
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # only proves the whole stream decodes
+            im.load()
+            return Encoded(data, original, original, kept_original=True)
+        if is_jpeg and out is not None:
+            # Decode at the smallest DCT scale that keeps the short side >= the output's short side.
+            k = min(out) / min(w, h)
+            im.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
+        im.load()
+        if not is_jpeg:
+            orientation = _orientation(im)
+        im = _to_rgb(im)
+    except DECODE_ERRORS as e:
+        raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None
+    if orientation != 1:
+        im = im.transpose(TRANSPOSE[orientation])
+    if out is not None:
+        box = _crop_box(im.size) if settings.resize_mode == "center_crop" else None
+        im = im.resize(out, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+    return Encoded(_encode(im, settings.quality), original, im.size, kept_original=False)
+

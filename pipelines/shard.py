@@ -1,0 +1,370 @@
+"""The shard stage: an image index becomes WebDataset shards, one Ray task per shard.
+
+Flow (the driver never holds index rows): hash the source and settings -> make the source's plan
+(parquet is read in place; other kinds are streamed into a plan parquet) -> cut rows into shards of
+``samples_per_shard`` in index order -> run one task per missing shard, a bounded number in flight,
+each handed only its row range -> each task writes ``{N}.tar`` then ``{N}.stats.json`` -> the
+manifest. A rerun skips shards whose stats exist and clears temporaries; a finished directory (its
+manifest's hash matches) is returned as it is. Formats: DESIGN.md, "Data formats".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from typing import Iterable, Optional
+
+from pipelines.config import Config, ShardConfig
+from pipelines.images import ImageSettings
+from pipelines.shard_task import (ShardJob, TaskContext, stats_path, tar_path, temporaries, write_json_atomic,
+                                  write_shard)
+from pipelines.sources import Plan, Table, fingerprint, plan_source, source_kind
+from pretrain.errors import InputError
+
+FORMAT = "vitscale-shards/1"
+MANIFEST = "manifest.json"
+MARKER = ".vitscale-shards.json"  # written first: whose shards these are (the stage hash)
+PLAN_DIR = ".plan"
+LOG_EVERY_S = 10.0
+
+
+# --------------------------------------------------------------------------- identity of a stage run
+
+
+def shard_dir(cfg: Config, out_dir: Optional[str] = None) -> str:
+    return out_dir or os.path.join(cfg.workdir, "shards")
+
+
+def builtin_root(cfg: Config, name: str) -> str:
+    return os.path.join(cfg.workdir, "source", name)
+
+
+def settings_dict(shard: ShardConfig) -> dict:
+    """The settings that change the shards' bytes (download threads and timeouts do not)."""
+    return {"path_column": shard.path_column, "label_column": shard.label_column,
+            "samples_per_shard": shard.samples_per_shard, "image_size": shard.image_size,
+            "resize_mode": shard.resize_mode, "quality": shard.quality, "min_size": shard.min_size,
+            "max_pixels": shard.max_pixels, "respect_noai": shard.download.respect_noai}
+
+
+def _builtin_name(source: str) -> str:
+    name = source.split(":", 1)[1]
+    if name != "fractal":
+        raise InputError(f"shard.source: unknown built-in source {source!r} (known: builtin:fractal)")
+    return name
+
+
+def source_fingerprint(cfg: Config) -> dict:
+    """Identity of the source without reading it whole (the fractal set is not generated for this)."""
+    source = cfg.shard.source
+    if source_kind(source) == "builtin":
+        from pipelines.fractal import builtin_fingerprint
+
+        _builtin_name(source)
+        return builtin_fingerprint(cfg.shard.builtin, cfg.seed)
+    return fingerprint(source)
+
+
+def stage_hash(cfg: Config) -> str:
+    blob = {"format": FORMAT, "source": source_fingerprint(cfg), "settings": settings_dict(cfg.shard)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def shards_complete(cfg: Config, out_dir: Optional[str] = None) -> bool:
+    """True when the manifest exists, matches this config's source and settings, and its shards are there."""
+    out = shard_dir(cfg, out_dir)
+    manifest = _read_json(os.path.join(out, MANIFEST))
+    if not manifest or manifest.get("hash") != stage_hash(cfg):
+        return False
+    return all(os.path.isfile(os.path.join(out, s["name"])) for s in manifest["shards"])
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional[str] = None) -> dict:
+    """Make (or finish) the shards of ``cfg.shard.source`` under ``out_dir`` (default ``{workdir}/shards``)
+    and return the manifest. Stage metrics go to the MLflow run ``run_id`` when given."""
+    out = shard_dir(cfg, out_dir)
+    if "://" in out and not out.startswith("file://"):
+        raise InputError(f"shard output {out}: must be a local or mounted folder")
+    out = out.removeprefix("file://")
+    os.makedirs(out, exist_ok=True)
+    digest = stage_hash(cfg)
+    manifest = _read_json(os.path.join(out, MANIFEST))
+    if manifest and manifest.get("hash") == digest and shards_complete(cfg, out):
+        _say(f"shard: {out} is complete ({manifest['totals']['ok']} images in "
+             f"{manifest['totals']['shards']} shards); nothing to do")
+        return manifest
+    _claim(out, digest)
+    for stale in temporaries(out):
+        os.remove(stale)
+    index = _prepare_source(cfg)
+    plan = _load_or_make_plan(index, cfg.shard, os.path.join(out, PLAN_DIR), digest)
+    jobs = _jobs(plan.num_rows, cfg.shard.samples_per_shard)
+    todo = [j for j in jobs if not os.path.isfile(stats_path(out, j.index))]
+    _say(f"shard: {cfg.shard.source} -> {out}: {plan.num_rows} rows, {len(jobs)} shards "
+         f"({len(jobs) - len(todo)} already done), {len(plan.label_names)} classes")
+    ctx = TaskContext(plan.table, plan.label_names, ImageSettings.from_config(cfg.shard), cfg.shard.download, out)
+    tracker = Tracker(cfg, run_id)
+    t0 = time.perf_counter()
+    written, errors = _run_tasks(cfg, ctx, todo, len(jobs), tracker)
+    seconds = time.perf_counter() - t0
+    if errors:
+        _log_metrics(tracker, written, seconds, len(jobs) - len(todo))
+        lines = "; ".join(f"{tar_path(out, j.index)}: {type(e).__name__}: {str(e).splitlines()[0]}"
+                          for j, e in errors[:5])
+        raise RuntimeError(f"shard: {len(errors)} of {len(todo)} shards failed ({lines}); "
+                           "rerun the stage to redo just those")
+    manifest = build_manifest(cfg, out, plan, jobs, digest)
+    write_json_atomic(os.path.join(out, MANIFEST), manifest)
+    shutil.rmtree(os.path.join(out, PLAN_DIR), ignore_errors=True)
+    _log_metrics(tracker, written, seconds, len(jobs) - len(todo), manifest)
+    tracker.artifact(os.path.join(out, MANIFEST))
+    t = manifest["totals"]
+    _say(f"shard: done: {t['ok']} images ok, {t['failed']} failed, {t['shards']} shards, "
+         f"{t['bytes'] / 1e6:.1f} MB in {out}")
+    return manifest
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _claim(out: str, digest: str) -> None:
+    """Mark ``out`` as holding this run's shards; shards made from another source or other settings
+    (an earlier marker with another hash) are removed first, since their stats would read as done."""
+    marker = os.path.join(out, MARKER)
+    previous = _read_json(marker)
+    if previous and previous.get("hash") != digest:
+        _say(f"shard: {out} holds shards of another source or settings; replacing them")
+        for name in os.listdir(out):
+            stem = name.split(".", 1)[0]
+            if (stem.isdigit() and name.endswith((".tar", ".stats.json"))) or name == MANIFEST:
+                os.remove(os.path.join(out, name))
+        shutil.rmtree(os.path.join(out, PLAN_DIR), ignore_errors=True)
+    elif previous is None and any(n.endswith(".stats.json") for n in os.listdir(out)):
+        raise InputError(f"shard output {out}: holds shard files this stage did not write; use another folder")
+    write_json_atomic(marker, {"hash": digest, "format": FORMAT})
+
+
+def _prepare_source(cfg: Config) -> str:
+    """The index to read: the source itself, or for ``builtin:fractal`` the generated set's index."""
+    source = cfg.shard.source
+    if source_kind(source) != "builtin":
+        return source
+    from pipelines.fractal import generate
+
+    name = _builtin_name(source)
+    t0 = time.perf_counter()
+    index = generate(builtin_root(cfg, name), cfg.shard.builtin, cfg.seed)
+    _say(f"shard: {source}: {cfg.shard.builtin.classes} classes x {cfg.shard.builtin.images_per_class} "
+         f"images at {builtin_root(cfg, name)} ({time.perf_counter() - t0:.1f} s)")
+    return index
+
+
+def _load_or_make_plan(index: str, shard: ShardConfig, plan_dir: str, digest: str) -> Plan:
+    """The plan of an interrupted run with the same hash is reused, so a rerun does not re-read the index."""
+    meta_path = os.path.join(plan_dir, "plan.json")
+    meta = _read_json(meta_path)
+    if meta and meta.get("hash") == digest and os.path.isfile(meta["table"]["path"]):
+        return Plan(Table(**meta["table"]), meta["num_rows"], meta["label_names"])
+    shutil.rmtree(plan_dir, ignore_errors=True)
+    plan = plan_source(index, shard, plan_dir)
+    os.makedirs(plan_dir, exist_ok=True)
+    write_json_atomic(meta_path, {"hash": digest, "table": plan.table.__dict__, "num_rows": plan.num_rows,
+                                  "label_names": plan.label_names})
+    return plan
+
+
+def _jobs(num_rows: int, per_shard: int) -> list[ShardJob]:
+    return [ShardJob(i, start, min(start + per_shard, num_rows))
+            for i, start in enumerate(range(0, num_rows, per_shard))]
+
+
+def _shard_task(ctx: TaskContext, job: ShardJob) -> dict:
+    import ray
+
+    return write_shard(ctx, job, node_id=ray.get_runtime_context().get_node_id())
+
+
+def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards: int,
+               tracker: "Tracker") -> tuple[list[dict], list[tuple[ShardJob, Exception]]]:
+    """Run the shard tasks, at most ``max_in_flight`` at a time; return their stats and the failures."""
+    import ray
+
+    from pipelines.cluster import ensure_ray
+
+    if not todo:
+        return [], []
+    ensure_ray(cfg.ray)
+    limit = cfg.shard.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(_shard_task).options(num_cpus=1, max_retries=cfg.shard.task_retries,
+                                           retry_exceptions=False, scheduling_strategy="SPREAD")
+    ctx_ref = ray.put(ctx)
+    progress = Progress(total_shards, total_shards - len(todo), tracker)
+    pending: dict = {}
+    queue = iter(todo)
+    written: list[dict] = []
+    errors: list[tuple[ShardJob, Exception]] = []
+    try:
+        while True:
+            while len(pending) < limit and (job := next(queue, None)) is not None:
+                pending[task.remote(ctx_ref, job)] = job
+            if not pending:
+                break
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                job = pending.pop(ref)
+                try:
+                    stats = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the worker died more than task_retries times, or a bug
+                    errors.append((job, e))
+                    progress.fail(job)
+                    continue
+                written.append(stats)
+                progress.update(stats)
+    except BaseException:
+        for ref in pending:  # stop the rest; their temporaries are cleared by the next run
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        progress.close()
+    return written, errors
+
+
+class Progress:
+    """A progress bar on a terminal, a log line every ``LOG_EVERY_S`` otherwise; the running counts
+    also go to MLflow as step metrics when a run is given."""
+
+    def __init__(self, total: int, done: int, tracker: "Tracker"):
+        self.total, self.done, self.tracker = total, done, tracker
+        self.ok = self.failed = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="shard", desc="shard", file=sys.stderr)
+
+    def rate(self) -> float:
+        return (self.ok + self.failed) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def update(self, stats: dict) -> None:
+        self.done += 1
+        self.ok += stats["ok"]
+        self.failed += stats["failed"]
+        if self.bar is not None:
+            self.bar.set_postfix(ok=self.ok, failed=self.failed, img_s=f"{self.rate():.0f}", refresh=False)
+            self.bar.update(1)
+        now = time.perf_counter()
+        if now - self.last >= LOG_EVERY_S or self.done == self.total:
+            self.last = now
+            if self.bar is None:
+                _say(f"shard: {self.done}/{self.total} shards, {self.ok} images ok, {self.failed} failed, "
+                     f"{self.rate():.0f} images/s")
+            self.tracker.log({"shard.progress_shards": self.done, "shard.progress_images_per_s": self.rate()},
+                             step=self.ok + self.failed)
+
+    def fail(self, job: ShardJob) -> None:
+        _say(f"shard: shard {job.index:06d} failed")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- manifest and metrics
+
+
+def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], digest: str) -> dict:
+    """The dataset's manifest from the stats files (deterministic: no timings, no hosts)."""
+    shards, totals, reasons = [], Counter(), Counter()
+    for job in jobs:
+        stats = _read_json(stats_path(out, job.index))
+        if stats is None:
+            raise RuntimeError(f"shard: {stats_path(out, job.index)} is missing or unreadable")
+        shards.append({"name": stats["name"], "samples": stats["ok"], "total": stats["total"],
+                       "failed": stats["failed"], "bytes": stats["bytes"], "sha256": stats["sha256"]})
+        for k in ("total", "ok", "failed", "bytes", "kept_original"):
+            totals[k] += stats[k]
+        reasons.update(stats["failed_by_reason"])
+    return {
+        "format": FORMAT,
+        "source": cfg.shard.source,
+        "hash": digest,
+        "settings": settings_dict(cfg.shard),
+        "label_names": plan.label_names,
+        "num_classes": len(plan.label_names),
+        "shards": shards,
+        "totals": {"shards": len(shards), **{k: totals[k] for k in ("total", "ok", "failed", "bytes", "kept_original")}},
+        "failed_by_reason": dict(sorted(reasons.items())),
+    }
+
+
+class Tracker:
+    """Stage metrics to the MLflow run ``run_id`` of the config's tracking store; a no-op without a run."""
+
+    def __init__(self, cfg: Config, run_id: Optional[str]):
+        from pipelines.tracking import client_for
+
+        self.run_id = run_id
+        self.client = client_for(cfg) if run_id else None
+
+    def log(self, values: dict, step: int = 0) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def artifact(self, path: str) -> None:
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, path)
+
+
+def _log_metrics(tracker: Tracker, written: list[dict], seconds: float, skipped: int,
+                 manifest: Optional[dict] = None) -> None:
+    """This run's work (images/s counts only what it did) and, when finished, the dataset's totals."""
+    reasons = Counter()
+    for s in written:
+        reasons.update(s["failed_by_reason"])
+    ok = sum(s["ok"] for s in written)
+    failed = sum(s["failed"] for s in written)
+    values = {"shard.images_ok": ok, "shard.images_failed": failed, "shard.seconds": seconds,
+              "shard.images_per_s": (ok + failed) / seconds if seconds > 0 else 0.0,
+              "shard.bytes": sum(s["bytes"] for s in written), "shard.shards_written": len(written),
+              "shard.shards_skipped": skipped,
+              **{f"shard.failed.{r}": n for r, n in reasons.items()}}
+    if manifest:
+        values.update({f"shard.dataset_{k}": v for k, v in manifest["totals"].items()})
+        values["shard.num_classes"] = manifest["num_classes"]
+    tracker.log(values)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli_main(cfg: Config, args) -> int:
+    """``vitscale shard CONFIG`` / ``vitscale shard --source SRC --out DIR`` (the source is already in cfg)."""
+    from pipelines.tracking import stage_run
+
+    with stage_run(cfg, "shard") as run_id:
+        manifest = run_shard_stage(cfg, getattr(args, "out", None), run_id=run_id)
+    out = shard_dir(cfg, getattr(args, "out", None))
+    print(f"{manifest['totals']['ok']} images in {manifest['totals']['shards']} shards, "
+          f"{manifest['num_classes']} classes: {os.path.join(out, MANIFEST)}")
+    return 0

@@ -1,0 +1,156 @@
+"""One shard: read its row range of the index, fetch and convert each image, write the tar.
+
+Crash safety: the tar is written under a hidden temporary name, fsynced and renamed into place, and
+only then is ``{N}.stats.json`` written (also by rename): a shard is complete exactly when its stats
+file exists, and a worker killed at any point leaves at most a temporary that the next attempt
+removes. Tar members carry fixed metadata, so the same rows give byte-identical tars.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pipelines.config import DownloadConfig
+from pipelines.fetch import Fetcher, ordered_map
+from pipelines.images import ImageSettings, Rejected, process
+from pipelines.sources import Labels, Table, read_rows
+
+TAR_MTIME = 0  # fixed member metadata: reruns and other machines give the same bytes
+TAR_USER = "vitscale"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    index: int
+    start: int  # first row of the index
+    stop: int  # one past the last row
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What every shard task of one stage run shares (sent to the cluster once)."""
+
+    table: Table
+    label_names: list[str]
+    settings: ImageSettings
+    download: DownloadConfig
+    out_dir: str
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def stats_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, f"{shard_name(index)}.stats.json")
+
+
+def tar_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, f"{shard_name(index)}.tar")
+
+
+def temporaries(out_dir: str, index: Optional[int] = None) -> list[str]:
+    """Leftovers of interrupted writes (all of them, or one shard's)."""
+    name = shard_name(index) if index is not None else "*"
+    return glob.glob(os.path.join(out_dir, f".{name}.*.tmp"))
+
+
+class _HashingSink:
+    """A write-only file wrapper that hashes and counts what passes through (tar streams only write)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) -> dict:
+    """Write shard ``job.index`` and its stats file; return the stats."""
+    import webdataset as wds
+
+    t0 = time.perf_counter()
+    for stale in temporaries(ctx.out_dir, job.index):  # from an attempt whose worker died
+        os.remove(stale)
+    rows = read_rows(ctx.table, job.start, job.stop)
+    labels = Labels(ctx.table.label_kind, ctx.label_names)
+    fetcher = Fetcher(ctx.download, ctx.table.base)
+    final = tar_path(ctx.out_dir, job.index)
+    tmp = os.path.join(ctx.out_dir, f".{shard_name(job.index)}.tar.{uuid.uuid4().hex[:8]}.tmp")
+    failures: list[dict] = []
+    kept = 0
+
+    def fetch(row: tuple) -> Optional[bytes]:
+        location, _, error = row
+        return fetcher.fetch(location) if location and not error else None
+
+    threads = ctx.download.threads
+    with open(tmp, "wb") as raw, ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
+        sink = _HashingSink(raw)
+        writer = wds.TarWriter(sink, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER)
+        for i, (row, future) in enumerate(ordered_map(pool, fetch, rows, window=2 * threads + 2)):
+            location, raw_label, error = row
+            key = f"{shard_name(job.index)}_{i:06d}"
+            try:
+                if error:
+                    raise Rejected(*error.split(": ", 1))
+                if not location:
+                    raise Rejected("bad_row", "no path in this row")
+                label, label_name = labels.resolve(raw_label)
+                image = process(future.result(), ctx.settings)
+            except Rejected as e:
+                failures.append({"key": key, "source": location, "reason": e.reason, "detail": str(e)})
+                continue
+            except Exception as e:  # noqa: BLE001 - one image that trips a decoder must not sink its shard
+                failures.append({"key": key, "source": location, "reason": "error",
+                                 "detail": f"error: {type(e).__name__}: {e}"})
+                continue
+            meta = {"source": location, "original_size": list(image.original_size),
+                    "size": list(image.size), "label": label_name}
+            writer.write({"__key__": key, "jpg": image.data, "cls": str(label).encode(),
+                          "json": json.dumps(meta, sort_keys=True).encode()})
+            kept += image.kept_original
+        writer.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(ctx.out_dir)
+    total = len(rows)
+    stats = {
+        "shard": shard_name(job.index), "name": os.path.basename(final), "rows": [job.start, job.stop],
+        "total": total, "ok": total - len(failures), "failed": len(failures),
+        "failed_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "failures": failures, "kept_original": kept, "bytes": sink.bytes, "sha256": sink.sha.hexdigest(),
+        "seconds": round(time.perf_counter() - t0, 3), "node_id": node_id, "pid": os.getpid(),
+    }
+    write_json_atomic(stats_path(ctx.out_dir, job.index), stats)
+    return stats

@@ -1,0 +1,436 @@
+"""Index readers of the shard stage: any source becomes a parquet table of (location, label) rows that
+shard tasks read by row range, plus the label names (the id map).
+
+- ``.parquet`` is read where it is: a row range maps to row groups, and only the label column is
+  scanned once, in batches, for the label names.
+- ``.csv`` / ``.tsv`` / ``.jsonl`` (optionally compressed) and a folder of class subfolders are
+  streamed once into a *plan* parquet with one row group per shard, so a task reads just its own.
+
+Nothing here holds more than one batch of rows (or one shard's rows) at a time; what grows with the
+index is only the set of distinct labels, capped at ``MAX_CLASSES``.
+
+Labels: integers are ids as they are (names ``"0".."max"``); strings get ids by sorted name. In a CSV
+(no types) a label column of digits only is integers. A row whose label is missing, negative, or of
+the other kind than the index's first valid label fails with reason ``bad_label`` in its shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from pipelines.config import ShardConfig
+from pipelines.fetch import is_url
+from pipelines.images import Rejected
+from pretrain.errors import InputError
+
+MAX_CLASSES = 1_000_000
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .bmp .webp .tif .tiff .ppm .pgm .pbm .pnm .ico .avif".split())
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
+                  ".jsonl": "jsonl", ".ndjson": "jsonl"}
+PLAN_COLUMNS = ("path", "label", "error")
+_INT = re.compile(r"-?[0-9]+")
+
+
+@dataclass(frozen=True)
+class Table:
+    """Where a shard task reads its rows: a parquet file, its columns, and how to read the labels."""
+
+    path: str
+    path_column: str
+    label_column: str
+    error_column: Optional[str]  # plan files carry row errors found while streaming the index
+    base: Optional[str]  # folder that relative image paths in the index are relative to
+    label_kind: str  # "int" | "str"
+
+
+@dataclass(frozen=True)
+class Plan:
+    table: Table
+    num_rows: int
+    label_names: list[str]
+
+
+# --------------------------------------------------------------------------- what the source is
+
+
+def source_kind(source: str) -> str:
+    """``builtin``, ``folder``, ``parquet``, ``csv``, ``tsv`` or ``jsonl``; InputError if none fits."""
+    if source.startswith("builtin:"):
+        return "builtin"
+    name = source.rstrip("/").lower()
+    for comp in COMPRESSIONS:
+        name = name.removesuffix(comp)
+    suffix = os.path.splitext(name)[1]
+    if suffix in TABLE_SUFFIXES:
+        return TABLE_SUFFIXES[suffix]
+    fs, path = _fs(source)
+    if fs.isdir(path):
+        return "folder"
+    if not fs.exists(path):
+        raise InputError(f"shard.source: {source} does not exist")
+    raise InputError(f"shard.source: {source}: unknown index kind (use a folder, .csv, .tsv, .parquet or .jsonl)")
+
+
+def _fs(location: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(location)
+
+
+def _base_of(source: str) -> str:
+    if is_url(source):
+        return source.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(source))
+
+
+def fingerprint(source: str) -> dict:
+    """A cheap identity of the source's content: file size and modification stamp, or for a folder a
+    digest of its listing. Changes when the index changes, so finished shards are not reused."""
+    import hashlib
+
+    kind = source_kind(source)
+    fs, path = _fs(source)
+    if kind != "folder":
+        if not fs.exists(path):
+            raise InputError(f"shard.source: {source} does not exist")
+        info = fs.info(path)
+        stamp = {k: str(info[k]) for k in ("mtime", "LastModified", "ETag", "etag", "md5Hash") if k in info}
+        return {"kind": kind, "path": _canonical(source), "size": info.get("size"), **stamp}
+    digest = hashlib.sha256()
+    count = 0
+    for rel, label, info in _walk_folder(fs, path):
+        digest.update(f"{rel}\0{label}\0{info.get('size')}\0{info.get('mtime', '')}\n".encode())
+        count += 1
+    return {"kind": kind, "path": _canonical(source), "files": count, "listing": digest.hexdigest()}
+
+
+def _canonical(source: str) -> str:
+    return source if is_url(source) else os.path.abspath(source)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_source(source: str, shard: ShardConfig, plan_dir: str) -> Plan:
+    """Read the index once (streaming) and return what the shard tasks need. Writes a plan parquet
+    under ``plan_dir`` for every kind but parquet."""
+    kind = source_kind(source)
+    if kind == "parquet":
+        return _plan_parquet(source, shard)
+    os.makedirs(plan_dir, exist_ok=True)
+    plan_path = os.path.join(plan_dir, "index.parquet")
+    tmp = plan_path + ".tmp"
+    writer = _PlanWriter(tmp, shard.samples_per_shard)
+    labels = _LabelCollector(shard.label_column, source, text=kind in ("csv", "tsv"))
+    if kind == "folder":
+        fs, path = _fs(source)
+        base = source.rstrip("/") if is_url(source) else os.path.abspath(source)
+        for rel, label, _ in _walk_folder(fs, path):
+            writer.add(rel, label, None)
+            labels.add_str(label)
+        if not labels.names:
+            raise InputError(f"shard.source: {source} has no class subfolders with images in them")
+    elif kind in ("csv", "tsv"):
+        base = _base_of(source)
+        _stream_csv(source, shard, "\t" if kind == "tsv" else ",", writer, labels)
+    else:
+        base = _base_of(source)
+        _stream_jsonl(source, shard, writer, labels)
+    num_rows = writer.close()
+    os.replace(tmp, plan_path)
+    table = Table(plan_path, "path", "label", "error", base, labels.kind())
+    return Plan(table, num_rows, labels.label_names())
+
+
+class _LabelCollector:
+    """Distinct labels seen while streaming: a capped set of names, and the largest integer id.
+
+    ``text`` mode (CSV) collects every label as a name and decides at the end: if all of them are
+    integers the index has integer ids, otherwise names.
+    """
+
+    def __init__(self, column: str, source: str, text: bool = False):
+        self.column, self.source, self.text = column, source, text
+        self.names: set[str] = set()
+        self.all_ints = True
+        self.max_int = -1
+
+    def add_str(self, label: str) -> None:
+        if label not in self.names:
+            self.names.add(label)
+            if len(self.names) > MAX_CLASSES:
+                raise InputError(f"shard.label_column: {self.column!r} in {self.source} has over "
+                                 f"{MAX_CLASSES} distinct labels; is it the right column?")
+
+    def add_int(self, value: int) -> None:
+        if value > self.max_int:
+            self.max_int = value
+            if value >= MAX_CLASSES:
+                raise InputError(f"shard.label_column: {self.column!r} in {self.source} has label id "
+                                 f"{value}; at most {MAX_CLASSES} classes are supported")
+
+    def add_text(self, label: str) -> None:
+        self.add_str(label)
+        if self.all_ints:
+            if _INT.fullmatch(label):
+                self.add_int(int(label))
+            else:
+                self.all_ints = False
+
+    def kind(self) -> str:
+        if self.text:
+            return "int" if self.all_ints else "str"
+        return "str" if self.names else "int"
+
+    def label_names(self) -> list[str]:
+        if self.kind() == "int":
+            return [str(i) for i in range(self.max_int + 1)]
+        return sorted(self.names)
+
+
+class _PlanWriter:
+    """Rows into a parquet file whose row groups are exactly one shard each."""
+
+    def __init__(self, path: str, rows_per_group: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.schema = pa.schema([(c, pa.string()) for c in PLAN_COLUMNS])
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.group = rows_per_group
+        self.cols: tuple[list, list, list] = ([], [], [])
+        self.rows = 0
+
+    def add(self, path: Optional[str], label: Optional[str], error: Optional[str]) -> None:
+        self.cols[0].append(path)
+        self.cols[1].append(label)
+        self.cols[2].append(error)
+        if len(self.cols[0]) == self.group:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.cols[0]:
+            table = pa.table(dict(zip(PLAN_COLUMNS, self.cols)), schema=self.schema)
+            self.writer.write_table(table, row_group_size=self.group)
+            self.rows += table.num_rows
+            self.cols = ([], [], [])
+
+    def close(self) -> int:
+        self._flush()
+        self.writer.close()
+        return self.rows
+
+
+def _walk_folder(fs, root: str) -> Iterator[tuple[str, str, dict]]:
+    """(path relative to the folder, class name, file info) in sorted order, one class at a time."""
+    root = root.rstrip("/")
+    classes = sorted(
+        os.path.basename(e["name"].rstrip("/")) for e in fs.ls(root, detail=True)
+        if e["type"] == "directory" and not os.path.basename(e["name"].rstrip("/")).startswith("."))
+    for label in classes:
+        found = fs.find(f"{root}/{label}", detail=True)
+        for name in sorted(found):
+            rel = name[len(root) + 1:]
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield rel, label, found[name]
+
+
+def _open_text(source: str):
+    import fsspec
+
+    return fsspec.open(source, "rt", compression="infer", encoding="utf-8", newline="")
+
+
+def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWriter,
+                labels: _LabelCollector) -> None:
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    cols = [shard.path_column, shard.label_column]
+    with fsspec.open(source, "rb", compression="infer") as f:
+        try:
+            reader = pacsv.open_csv(
+                f, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(include_columns=cols, strings_can_be_null=True,
+                                                     column_types={c: pa.string() for c in cols}))
+            for batch in reader:
+                for path, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    if label is None or label == "":
+                        writer.add(path, None, "bad_label: missing label")
+                    else:
+                        writer.add(path, label, None)
+                        labels.add_text(label)
+        except (pa.ArrowInvalid, KeyError) as e:
+            raise InputError(f"shard.source: cannot read {source} as CSV ({_columns_hint(shard)}): {e}") from None
+
+
+def _stream_jsonl(source: str, shard: ShardConfig, writer: _PlanWriter, labels: _LabelCollector) -> None:
+    kind: Optional[type] = None
+    with _open_text(source) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                writer.add(None, None, f"bad_row: line {lineno} is not JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                writer.add(None, None, f"bad_row: line {lineno} is not an object")
+                continue
+            path = row.get(shard.path_column)
+            path = path if isinstance(path, str) else None
+            value = _json_label(row.get(shard.label_column))
+            if isinstance(value, Rejected):
+                writer.add(path, None, str(value))
+                continue
+            kind = kind or type(value)
+            if type(value) is not kind:
+                writer.add(path, None, f"bad_label: expected {_kind_name(kind)} like the index's other labels, "
+                                       f"got {_kind_name(type(value))} {value!r}")
+                continue
+            writer.add(path, str(value), None)
+            labels.add_int(value) if kind is int else labels.add_str(value)
+
+
+def _json_label(value: Any) -> "int | str | Rejected":
+    if isinstance(value, bool) or value is None:
+        return Rejected("bad_label", "missing label" if value is None else f"got a boolean {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return value if value >= 0 else Rejected("bad_label", f"negative label {value}")
+    if isinstance(value, str) and value:
+        return value
+    return Rejected("bad_label", f"expected an integer or a string, got {type(value).__name__} {value!r}")
+
+
+def _kind_name(kind: type) -> str:
+    return "an integer" if kind is int else "a string"
+
+
+def _columns_hint(shard: ShardConfig) -> str:
+    return f"shard.path_column={shard.path_column!r}, shard.label_column={shard.label_column!r}"
+
+
+def _plan_parquet(source: str, shard: ShardConfig) -> Plan:
+    """Parquet is read in place; one pass over the label column finds the label kind and names."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pf = _parquet_file(source)
+    names = pf.schema_arrow.names
+    for col in (shard.path_column, shard.label_column):
+        if col not in names:
+            raise InputError(f"shard.source: {source} has no column {col!r} (columns: {', '.join(names)}; "
+                             f"set {_columns_hint(shard)})")
+    ltype = pf.schema_arrow.field(shard.label_column).type
+    if pa.types.is_dictionary(ltype):
+        ltype = ltype.value_type
+    labels = _LabelCollector(shard.label_column, source)
+    if pa.types.is_integer(ltype) or pa.types.is_floating(ltype):
+        kind = "int"
+        for batch in pf.iter_batches(batch_size=1 << 20, columns=[shard.label_column]):
+            col = batch.column(0)
+            if pa.types.is_floating(ltype):
+                col = pc.filter(col, pc.equal(col, pc.floor(col)))
+            top = pc.max(col).as_py()
+            if top is not None and top >= 0:
+                labels.add_int(int(top))
+    elif pa.types.is_string(ltype) or pa.types.is_large_string(ltype):
+        kind = "str"
+        for batch in pf.iter_batches(batch_size=1 << 20, columns=[shard.label_column]):
+            col = batch.column(0)
+            if pa.types.is_dictionary(col.type):
+                col = col.cast(ltype)
+            for name in pc.unique(col).to_pylist():
+                if name:
+                    labels.add_str(name)
+    else:
+        raise InputError(f"shard.label_column: {shard.label_column!r} in {source} has type {ltype}; "
+                         "labels must be integers or strings")
+    table = Table(source, shard.path_column, shard.label_column, None, _base_of(source), kind)
+    return Plan(table, pf.metadata.num_rows, labels.label_names())
+
+
+def _parquet_file(path: str):
+    import fsspec
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(fsspec.open(path, "rb").open())
+    except FileNotFoundError:
+        raise InputError(f"shard.source: {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not parquet
+        raise InputError(f"shard.source: {path} is not a readable parquet file: {e}") from None
+
+
+# --------------------------------------------------------------------------- reading in the tasks
+
+
+def read_rows(table: Table, start: int, stop: int) -> list[tuple[Optional[str], Any, Optional[str]]]:
+    """Rows ``[start, stop)`` as (location, raw label, error or None); reads only the row groups that
+    overlap the range."""
+    pf = _parquet_file(table.path)
+    md = pf.metadata
+    groups, first, pos = [], None, 0
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        if pos < stop and pos + n > start:
+            groups.append(g)
+            first = pos if first is None else first
+        pos += n
+    if not groups:
+        return []
+    cols = [table.path_column, table.label_column] + ([table.error_column] if table.error_column else [])
+    rows: list[tuple[Optional[str], Any, Optional[str]]] = []
+    pos = first
+    for batch in pf.iter_batches(batch_size=1 << 16, row_groups=groups, columns=cols):
+        lo, hi = max(start - pos, 0), min(stop - pos, batch.num_rows)
+        if lo < hi:
+            part = batch.slice(lo, hi - lo)
+            lists = [part.column(i).to_pylist() for i in range(len(cols))]
+            errors = lists[2] if table.error_column else [None] * len(lists[0])
+            rows.extend(zip(lists[0], lists[1], errors))
+        pos += batch.num_rows
+        if pos >= stop:
+            break
+    return rows
+
+
+class Labels:
+    """Raw label -> (id, name) for one index; ``Rejected('bad_label')`` when it cannot be one."""
+
+    def __init__(self, kind: str, names: list[str]):
+        self.kind = kind
+        self.names = names
+        self.ids = {n: i for i, n in enumerate(names)} if kind == "str" else None
+
+    def resolve(self, raw: Any) -> tuple[int, str]:
+        if raw is None or raw == "":
+            raise Rejected("bad_label", "missing label")
+        if self.ids is not None:
+            if isinstance(raw, str) and raw in self.ids:
+                return self.ids[raw], raw
+            raise Rejected("bad_label", f"{raw!r} is not one of the index's label names")
+        value = raw
+        if isinstance(raw, str) and _INT.fullmatch(raw):
+            value = int(raw)
+        elif isinstance(raw, float) and raw.is_integer():
+            value = int(raw)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Rejected("bad_label", f"expected an integer label, got {type(raw).__name__} {raw!r}")
+        if not 0 <= value < len(self.names):
+            raise Rejected("bad_label", f"label {value} is out of range 0..{len(self.names) - 1}")
+        return value, self.names[value]
