@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
@@ -76,6 +77,27 @@ def decode(data: bytes, im: Image.Image, factor: int = 1) -> torch.Tensor:
         raise CorruptImage(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
+def normalise(images: list[torch.Tensor], mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 [3, S, S] each -> float [B, 3, S, S] = (x / 255 - mean) / std.
+
+    One image at a time while it is in cache instead of four passes over the whole 38 MB batch
+    (to_dtype, scale, sub, div), and with the 1/255 folded into the scale. Inside a
+    DataLoader worker the batch is allocated in shared memory, as ``default_collate`` does, so handing it
+    to the trainer process costs no extra copy.
+    """
+    shape = (len(images), *images[0].shape)
+    if get_worker_info() is not None:
+        storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        out = torch.empty(0).new(storage).resize_(shape)
+    else:
+        out = torch.empty(shape)
+    scale = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    for x, o in zip(images, out):
+        o.copy_(x).mul_(scale).sub_(shift)  # three vectorised passes beat one mixed-dtype torch.mul 2x
+    return out
+
+
 class EvalTransform:
     """bytes -> uint8 [3, S, S]: shorter side to ``S / crop_ratio``, center crop S; then normalise a batch."""
 
@@ -92,9 +114,9 @@ class EvalTransform:
         x = F.resize(x, [self.resize], antialias=True)
         return F.center_crop(x, self.size)
 
-    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S]; labels unchanged."""
-        return F.normalize(F.to_dtype(images, torch.float32, scale=True), self.mean, self.std, inplace=True), labels
+    def batch(self, images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [3, S, S] each -> normalised float [B, 3, S, S], long [B]."""
+        return normalise(images, self.mean, self.std), torch.tensor(labels)
 
 
 class TrainTransform:
@@ -135,9 +157,10 @@ class TrainTransform:
             x = self.randaugment(x)
         return x
 
-    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, 3, S, S] -> float [B, 3, S, S] normalised; with mixup/cutmix labels become float [B, C]."""
-        x = F.normalize(F.to_dtype(images, torch.float32, scale=True), self.mean, self.std, inplace=True)
+    def batch(self, images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [3, S, S] each -> normalised float [B, 3, S, S] and long [B] labels; with mixup/cutmix
+        the labels become soft targets, float [B, num_classes]."""
+        x, y = normalise(images, self.mean, self.std), torch.tensor(labels)
         if self.mix is not None:
-            x, labels = self.mix(x, labels)
-        return x, labels
+            x, y = self.mix(x, y)
+        return x, y

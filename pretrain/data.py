@@ -297,7 +297,7 @@ class _TrainStreams(IterableDataset):
             images.append(item[0])
             labels.append(item[1])
         counts["samples"] += len(images)
-        return self.transform.batch(torch.stack(images), torch.tensor(labels))
+        return self.transform.batch(images, labels)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -457,7 +457,7 @@ class _EvalStreams(IterableDataset):
 
     def _emit(self, images: list, labels: list, counts: Counter, g: int) -> tuple:
         counts["samples"] += len(images)
-        x, y = self.transform.batch(torch.stack(images), torch.tensor(labels))
+        x, y = self.transform.batch(images, labels)
         return x, y, {"stream": g, "counts": dict(counts)}
 
 
