@@ -102,11 +102,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(im, dtype=np.uint32)
         shift = 8 if mode.startswith("I;16") or a.max(initial=0) > 255 else 0
-        return Image.fromarray((np.minimum(a >> shift, 255)).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray((np.minimum(a >> shift, 255)).astype(np.uint8)).convert("RGB")
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
         a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
 
 

@@ -1,0 +1,126 @@
+"""Per-image conversion of the shard stage: every awkward input is converted or rejected with a reason."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.fetch import noai_directive
+from pipelines.images import ImageSettings, Rejected, process, target_size
+from shard_inputs import BAD_FILES, MAX_PIXELS, UNUSUAL_FILES, encode, exif_rotated_jpeg, jpeg, photo
+
+SETTINGS = ImageSettings(image_size=64, resize_mode="keep_ratio", quality=95, min_size=16, max_pixels=MAX_PIXELS)
+
+
+def decode(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    assert im.format == "JPEG"
+    im.load()
+    return im
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_inputs_are_rejected_with_their_reason(name):
+    make, reason = BAD_FILES[name]
+    with pytest.raises(Rejected) as err:
+        process(make(), SETTINGS)
+    assert err.value.reason == reason
+    assert str(err.value).startswith(reason)
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL_FILES))
+def test_unusual_inputs_become_rgb_jpegs(name):
+    out = process(UNUSUAL_FILES[name](), SETTINGS)
+    im = decode(out.data)
+    assert im.mode == "RGB"
+    assert im.size == out.size
+
+
+def test_transparency_is_composited_over_white():
+    for name in ("alpha.png", "palette.png"):
+        im = np.asarray(decode(process(UNUSUAL_FILES[name](), SETTINGS).data), np.int32)
+        left, right = im[:, 4:24].mean(axis=(0, 1)), im[:, 40:60].mean(axis=(0, 1))
+        assert (left > 240).all(), (name, left)  # transparent -> white, not black
+        assert right.max() - right.min() > 100, (name, right)  # the opaque colour survives
+
+
+def test_16_bit_is_scaled_not_clipped():
+    im = np.asarray(decode(process(UNUSUAL_FILES["grey16.png"](), SETTINGS).data), np.int32)
+    assert im[:, 4:24].mean() > 245
+    assert abs(im[:, 40:60].mean() - 128) < 6  # clipping would give 255
+
+
+def test_exif_rotation_comes_out_upright():
+    out = process(exif_rotated_jpeg(), SETTINGS)
+    im = np.asarray(decode(out.data), np.int32)
+    assert out.original_size == (90, 60)
+    assert out.size == (60, 90)  # portrait once upright
+    top, bottom = im[:20].mean(axis=(0, 1)), im[-20:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 60, top  # red band on top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+def test_animated_gif_keeps_the_first_frame():
+    im = np.asarray(decode(process(UNUSUAL_FILES["animated.gif"](), SETTINGS).data), np.int32)
+    r, g, b = im.mean(axis=(0, 1))
+    assert r > 200 and b < 60
+
+
+def test_cmyk_keeps_its_colours():
+    from shard_inputs import cmyk_jpeg
+
+    expected = np.asarray(Image.open(io.BytesIO(cmyk_jpeg())).convert("RGB"), np.float32)
+    got = np.asarray(decode(process(cmyk_jpeg(), SETTINGS).data), np.float32)
+    assert np.abs(got - expected).mean() < 6
+
+
+def test_rgb_jpeg_within_size_keeps_its_bytes():
+    data = jpeg(1, (60, 40), quality=80)
+    out = process(data, SETTINGS)
+    assert out.kept_original and out.data == data and out.size == (60, 40)
+
+
+def test_large_jpeg_is_downscaled_with_good_quality():
+    """Draft-mode decoding plus reduce-then-bicubic must stay close to a full-resolution Lanczos resize."""
+    src = photo(5, (640, 480))
+    data = encode(src, "JPEG", quality=95)
+    out = process(data, ImageSettings(image_size=64))
+    assert not out.kept_original
+    assert out.size == (85, 64)  # shorter side to image_size, aspect kept
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(out.size, Image.LANCZOS), np.float64)
+    got = np.asarray(decode(out.data), np.float64)
+    psnr = 10 * np.log10(255 ** 2 / np.mean((got - reference) ** 2))
+    assert psnr > 30, psnr
+
+
+@pytest.mark.parametrize("mode,size,expected", [
+    ("keep_ratio", (300, 200), (96, 64)),
+    ("keep_ratio", (200, 300), (64, 96)),
+    ("keep_ratio", (50, 40), None),  # never upscaled
+    ("center_crop", (300, 200), (64, 64)),
+    ("center_crop", (50, 40), (40, 40)),
+    ("none", (300, 200), None),
+])
+def test_target_sizes(mode, size, expected):
+    settings = ImageSettings(image_size=64, resize_mode=mode)
+    assert target_size(size, settings) == expected
+
+
+def test_center_crop_output_is_square():
+    out = process(jpeg(2, (300, 200)), ImageSettings(image_size=64, resize_mode="center_crop"))
+    assert out.size == (64, 64) and decode(out.data).size == (64, 64)
+
+
+def test_resize_mode_none_keeps_the_size_but_converts():
+    out = process(UNUSUAL_FILES["alpha.png"](), ImageSettings(image_size=16, resize_mode="none"))
+    assert out.size == (64, 48) and not out.kept_original
+
+
+@pytest.mark.parametrize("header,expected", [
+    (None, False), ("", False), ("noindex", False), ("noai", True), ("noimageai", True),
+    ("noindex, NoAI", True), ("otherbot: noai", False), ("vitscale: noimageai", True),
+])
+def test_noai_header(header, expected):
+    assert noai_directive(header) is expected
