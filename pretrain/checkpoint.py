@@ -1,0 +1,506 @@
+"""Atomic, checksummed DeepSpeed checkpoints; automatic resume, also on another number of workers.
+
+Layout under ``root`` (``{workdir}/checkpoints``, a local or shared path, or an fsspec URL)::
+
+    step_00000400/                 one checkpoint, visible only once complete
+        mp_rank_00_model_states.pt     DeepSpeed's files (model, scheduler; optimizer shards below)
+        zero_pp_rank_R_mp_rank_00_optim_states.pt
+        client_rank{R}.pt              our state per rank: step, loader, RNG, config (weights_only)
+        manifest.json                  sha256 and size of every file above, world size, step
+        COMPLETE                       the sha256 of manifest.json; written last
+    universal/step_00000400/       DeepSpeed universal form of it, made when the world size changed
+    latest                         the name of the newest published checkpoint, written last
+    rejected/step_...              checkpoints refused on resume (corrupt), kept for inspection
+
+Publishing: on a local or shared filesystem every rank writes into ``.partial/step_N`` and rank 0
+renames it to ``step_N`` after all ranks are done, so a checkpoint cut off by a crash is never
+under its final name. On object storage (no rename) the files go to ``step_N/`` directly and the
+``COMPLETE`` marker is written by rank 0 after a barrier; a directory without it is never chosen.
+
+Trust: our own files are read with ``torch.load(weights_only=True)`` or as JSON. DeepSpeed's
+files need full unpickling; each rank unpickles only files whose sha256 matches the manifest, and
+refuses a checkpoint with any file the manifest does not list (DeepSpeed globs its folders).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Optional
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger("vitscale.checkpoint")
+
+MANIFEST = "manifest.json"
+MARKER = "COMPLETE"
+LATEST = "latest"
+PARTIAL = ".partial"
+UNIVERSAL = "universal"
+REJECTED = "rejected"
+FORMAT = 1
+_STEP_DIR = re.compile(r"step_(\d{8})")
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|client_rank)(\d+)[_.]")
+_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or none of the present ones can be loaded."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256_file(path: str, fsync: bool = False) -> str:
+    """The file's sha256, read in chunks; ``fsync`` also flushes it to disk (before publishing)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as tensors and lists (weights_only-safe)."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(words), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_safe(value: Any, path: str = "client_state") -> None:
+    """Fail at save time, not at resume, on anything ``torch.load(weights_only=True)`` would refuse."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor)):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{path}: key {k!r} is a {type(k).__name__}; use str or int keys")
+            _check_safe(v, f"{path}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_safe(v, f"{path}[{i}]")
+        return
+    raise TypeError(f"{path}: a {type(value).__name__} cannot be loaded with weights_only=True; "
+                    "store tensors, numbers, strings, lists and dicts")
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _gather(obj: Any, world_size: int) -> list:
+    if not _dist():
+        return [obj]
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _needed(files: list[str], rank: int) -> list[str]:
+    """All files but other ranks' shards: each rank checks what it loads itself."""
+    out = []
+    for name in files:
+        m = _RANK_FILE.search(os.path.basename(name))
+        if m is None or int(m.group(1)) == rank:
+            out.append(name)
+    return out
+
+
+# --------------------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Saves and resumes one run's checkpoints under ``root``. ``save`` and ``resume`` are collective."""
+
+    def __init__(self, root: str, keep: int, rank: int, world_size: int, *, cache_dir: Optional[str] = None):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = root.rstrip("/")
+        self.keep = keep
+        self.rank = rank
+        self.world_size = world_size
+        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+        self.path = self.path.rstrip("/")
+        # A local or shared filesystem has rename; object storage has not, and DeepSpeed writes only
+        # local files, so there each rank stages in a private local folder and uploads.
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._cache_base = cache_dir
+
+    # ------------------------------------------------------------------ paths and listing
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the checkpoints that carry a completion marker, oldest first (not re-verified)."""
+        if not self.fs.exists(self.path):
+            return []
+        steps = []
+        for entry in self.fs.ls(self.path, detail=False):
+            m = _STEP_DIR.fullmatch(os.path.basename(entry.rstrip("/")))
+            if m and self.fs.exists(self._join(m.group(0), MARKER)):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def _cache(self, *parts: str) -> str:
+        base = self._cache_base or os.path.join(tempfile.gettempdir(), f"vitscale-ckpt-{os.getuid()}")
+        path = os.path.join(base, hashlib.sha256(self.root.encode()).hexdigest()[:12], f"rank{self.rank}", *parts)
+        return path
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, engine, step: int, client_state: dict) -> str:
+        """Write checkpoint ``step`` (DeepSpeed state + this rank's ``client_state``) and publish it.
+
+        Every rank calls this. Returns the published location. Older checkpoints beyond ``keep``
+        are removed after the new one is published.
+        """
+        state = dict(client_state, step=step, world_size=self.world_size, format=FORMAT)
+        _check_safe(state)
+        name = step_name(step)
+        if self.local:
+            stage_root = self._join(PARTIAL)
+            if self.rank == 0:
+                shutil.rmtree(stage_root, ignore_errors=True)  # leftovers of a crashed save
+                os.makedirs(stage_root, exist_ok=True)
+        else:
+            stage_root = self._cache(PARTIAL)
+            shutil.rmtree(stage_root, ignore_errors=True)
+            if self.rank == 0 and self.fs.exists(self._join(name)):
+                self.fs.rm(self._join(name), recursive=True)  # an incomplete or refused one of this step
+        _barrier()
+        engine.save_checkpoint(stage_root, tag=name, client_state={"vitscale_step": step}, save_latest=False)
+        stage = os.path.join(stage_root, name)
+        torch.save(state, os.path.join(stage, f"client_rank{self.rank}.pt"))
+        _barrier()
+
+        entries = self._hash_and_upload(stage, name)
+        gathered = _gather(entries, self.world_size)
+        if self.rank == 0:
+            files = {k: v for part in gathered for k, v in part.items()}
+            meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
+                    "zero_stage": int(engine.zero_optimization_stage()), "created": time.time(),
+                    "files": dict(sorted(files.items()))}
+            self._publish(stage, name, meta)
+            self._prune(step)
+        _barrier()
+        if self.rank == 0 or not self.local:
+            shutil.rmtree(stage_root, ignore_errors=True)
+        return self._join(name) if self.local else f"{self.root}/{name}"
+
+    def _hash_and_upload(self, stage: str, name: str) -> dict:
+        """This rank's share of the manifest: {relative path: {sha256, bytes}}."""
+        files = sorted(str(p.relative_to(stage)) for p in Path(stage).rglob("*") if p.is_file())
+        if self.local:
+            # One shared folder: ranks split the hashing; they must all see the same listing, or the
+            # root is not on a filesystem all ranks share.
+            listings = _gather(files, self.world_size)
+            if any(other != files for other in listings):
+                raise CheckpointError(f"{self.root}: ranks see different files in {stage}; the checkpoint "
+                                      "root must be a filesystem shared by all ranks, or an object store URL")
+            mine = files[self.rank::self.world_size]
+        else:
+            mine = files
+        out = {}
+        for rel in mine:
+            local = os.path.join(stage, rel)
+            out[rel] = {"sha256": sha256_file(local, fsync=self.local), "bytes": os.path.getsize(local)}
+            if not self.local:
+                self.fs.put_file(local, self._join(name, rel))
+        return out
+
+    def _publish(self, stage: str, name: str, meta: dict) -> None:
+        manifest = json.dumps(meta, indent=1).encode()
+        marker = hashlib.sha256(manifest).hexdigest().encode()
+        if self.local:
+            _write_durable(os.path.join(stage, MANIFEST), manifest)
+            _write_durable(os.path.join(stage, MARKER), marker)
+            final = self._join(name)
+            if os.path.exists(final):  # a refused or incomplete checkpoint of the same step
+                self._reject(name, "replaced by a new save of the same step")
+            os.rename(stage, final)
+            _fsync_dir(self.path)
+            _write_durable(self._join(LATEST + ".tmp"), name.encode())
+            os.replace(self._join(LATEST + ".tmp"), self._join(LATEST))
+            _fsync_dir(self.path)
+        else:
+            self.fs.pipe_file(self._join(name, MANIFEST), manifest)
+            self.fs.pipe_file(self._join(name, MARKER), marker)
+            self.fs.pipe_file(self._join(LATEST), name.encode())
+
+    def _prune(self, newest: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older ones, their universal forms, and
+        incomplete ones (object storage: cut off by a crash)."""
+        complete = self.complete_steps()
+        steps = [s for s in complete if s <= newest]
+        drop = set(steps[: max(0, len(steps) - self.keep)])
+        for entry in self.fs.ls(self.path, detail=False):
+            m = _STEP_DIR.fullmatch(os.path.basename(entry.rstrip("/")))
+            if m and int(m.group(1)) not in complete:
+                drop.add(int(m.group(1)))
+        for step in sorted(drop):
+            for path in (self._join(step_name(step)), self._join(UNIVERSAL, step_name(step))):
+                if self.fs.exists(path):
+                    self.fs.rm(path, recursive=True)
+
+    def _reject(self, name: str, reason: str) -> None:
+        src, dst = self._join(name), self._join(REJECTED, name)
+        if self.fs.exists(dst):
+            self.fs.rm(dst, recursive=True)
+        self.fs.makedirs(self._join(REJECTED), exist_ok=True)
+        self.fs.mv(src, dst, recursive=True)
+        log.warning("checkpoint %s moved to %s (%s)", src, dst, reason)
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self, engine) -> Optional[dict]:
+        """Load the newest complete checkpoint whose checksums verify into ``engine``.
+
+        Every rank calls this. Returns this rank's client state with ``resumed`` added
+        (step, world size then and now, path, whether a universal conversion was used, refused
+        checkpoints), or None when there is no checkpoint. On a world-size change the per-rank
+        ``loader`` and ``rng`` entries are None: the old streams do not map onto the new ranks.
+        """
+        candidates = _broadcast(sorted(self.complete_steps(), reverse=True) if self.rank == 0 else None)
+        rejected = []
+        for step in candidates:
+            name = step_name(step)
+            meta, problems = self._read_manifest(name)
+            if meta is not None:
+                problems += self._verify(name, meta["files"], self._reads(meta))
+            problems = sorted({p for part in _gather(problems, self.world_size) for p in part})
+            if problems:
+                for p in problems:
+                    log.warning("refusing checkpoint %s: %s; trying the previous one", self._join(name), p)
+                rejected.append({"step": step, "problems": problems})
+                _barrier()
+                if self.rank == 0:
+                    self._reject(name, "; ".join(problems))
+                _barrier()
+                continue
+            return self._load(engine, name, meta, rejected)
+        if rejected:
+            raise CheckpointError(f"{self.root}: every checkpoint was refused: {rejected}")
+        return None
+
+    def _changed(self, meta: dict) -> tuple[bool, bool]:
+        """(world size changed, DeepSpeed's universal conversion needed: optimizer state is sharded)."""
+        changed = meta["world_size"] != self.world_size
+        return changed, changed and any(f.endswith("optim_states.pt") for f in meta["files"])
+
+    def _reads(self, meta: dict) -> list[str]:
+        """The files of a checkpoint this rank will unpickle (and so must verify)."""
+        files = sorted(meta["files"])
+        changed, universal = self._changed(meta)
+        if not changed:
+            return _needed(files, self.rank)
+        if universal:  # rank 0 converts (reads everything); the others read the conversion
+            return files if self.rank == 0 else ["client_rank0.pt"]
+        return _needed(files, 0)  # unsharded optimizer: every rank reads rank 0's files
+
+    def _read_manifest(self, name: str) -> tuple[Optional[dict], list[str]]:
+        try:
+            manifest = self.fs.cat_file(self._join(name, MANIFEST))
+            marker = self.fs.cat_file(self._join(name, MARKER)).decode().strip()
+        except FileNotFoundError as e:
+            return None, [f"missing {e.filename or e}"]
+        if hashlib.sha256(manifest).hexdigest() != marker:
+            return None, [f"{self._join(name, MANIFEST)}: sha256 does not match the {MARKER} marker"]
+        try:
+            meta = json.loads(manifest)
+        except ValueError as e:
+            return None, [f"{self._join(name, MANIFEST)}: not JSON ({e})"]
+        if meta.get("format") != FORMAT:
+            return None, [f"{self._join(name, MANIFEST)}: format {meta.get('format')!r}, expected {FORMAT}"]
+        return meta, []
+
+    def _local_dir(self, *parts: str) -> str:
+        """Where DeepSpeed reads the checkpoint: in place, or this rank's download cache."""
+        return self._join(*parts) if self.local else self._cache(*parts)
+
+    def _verify(self, name: str, files: dict, wanted: list[str]) -> list[str]:
+        """Check the files in ``wanted`` against the manifest (downloading them first from object
+        storage); any file present but not listed is refused too, as DeepSpeed globs folders."""
+        remote = self._join(name)
+        present = {p[len(remote) + 1:] for p in self.fs.find(remote)} - {MANIFEST, MARKER}
+        problems = [f"{self._join(name, p)}: not in the manifest" for p in sorted(present - set(files))]
+        local = self._local_dir(name)
+        for rel in wanted:
+            where = os.path.join(local, rel)
+            if rel not in present:
+                problems.append(f"{self._join(name, rel)}: missing")
+                continue
+            if not self.local:
+                os.makedirs(os.path.dirname(where), exist_ok=True)
+                self.fs.get_file(self._join(name, rel), where)
+            digest = sha256_file(where)
+            if digest != files[rel]["sha256"]:
+                problems.append(f"{self._join(name, rel)}: sha256 {digest[:16]}... does not match the "
+                                f"manifest's {files[rel]['sha256'][:16]}... (corrupted or modified)")
+        return problems
+
+    def _load(self, engine, name: str, meta: dict, rejected: list) -> dict:
+        step = meta["step"]
+        changed, universal = self._changed(meta)
+        if universal:
+            load_root = self._universal(name)
+            flag = engine._config.load_universal_checkpoint
+            # The engine reads this switch only inside load_checkpoint; the world-size change is known
+            # only now, after the engine was built, so it is set for this one load.
+            engine._config.load_universal_checkpoint = True
+            try:
+                path, _ = engine.load_checkpoint(load_root, tag=name)
+            finally:
+                engine._config.load_universal_checkpoint = flag
+        else:
+            path, _ = engine.load_checkpoint(self._local_dir(), tag=name)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no model states in {self._join(name)}")
+        own = f"client_rank{0 if changed else self.rank}.pt"
+        state = torch.load(os.path.join(self._local_dir(name), own), weights_only=True, map_location="cpu")
+        if changed:
+            state["loader"] = None
+            state["rng"] = None
+        state["resumed"] = {"step": step, "path": self._join(name) if self.local else f"{self.root}/{name}",
+                            "world_size_then": meta["world_size"], "world_size_now": self.world_size,
+                            "universal": universal, "rejected": rejected}
+        _barrier()
+        if not self.local:
+            shutil.rmtree(self._cache(), ignore_errors=True)
+        return state
+
+    def _universal(self, name: str) -> str:
+        """DeepSpeed's universal form of checkpoint ``name`` (made once by rank 0), verified; returns
+        the folder to pass to ``load_checkpoint`` with tag ``name``."""
+        sub = f"{UNIVERSAL}/{name}"
+        ok = False
+        if self.rank == 0:
+            meta, problems = self._read_manifest(sub)
+            ok = meta is not None and not self._verify(sub, meta["files"], sorted(meta["files"]))
+            if not ok:
+                self._convert(name, sub)
+        _barrier()
+        meta, problems = self._read_manifest(sub)
+        if meta is not None:
+            problems += self._verify(sub, meta["files"], sorted(meta["files"]))
+        problems = sorted({p for part in _gather(problems, self.world_size) for p in part})
+        if problems:
+            raise CheckpointError(f"universal checkpoint {self._join(sub)} failed verification: {problems}")
+        return self._local_dir(UNIVERSAL)
+
+    def _convert(self, name: str, sub: str) -> None:
+        """Rank 0: DeepSpeed's ds_to_universal on the (verified) checkpoint, published like a save."""
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        stage_root = self._join(PARTIAL) if self.local else self._cache(PARTIAL)
+        shutil.rmtree(stage_root, ignore_errors=True)
+        out = os.path.join(stage_root, UNIVERSAL, name)
+        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+        log.warning("world size changed: converting %s to a universal checkpoint", self._join(name))
+        ds_to_universal(Namespace(input_folder=self._local_dir(name), output_folder=out,
+                                  num_extract_workers=workers, num_merge_workers=workers,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True))
+        files = {str(p.relative_to(out)): {"sha256": sha256_file(str(p), fsync=self.local), "bytes": p.stat().st_size}
+                 for p in sorted(Path(out).rglob("*")) if p.is_file()}
+        meta = {"format": FORMAT, "step": int(_STEP_DIR.fullmatch(name).group(1)), "source": name,
+                "world_size": None, "created": time.time(), "files": files}
+        manifest = json.dumps(meta, indent=1).encode()
+        marker = hashlib.sha256(manifest).hexdigest().encode()
+        final = self._join(sub)
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        if self.local:
+            _write_durable(os.path.join(out, MANIFEST), manifest)
+            _write_durable(os.path.join(out, MARKER), marker)
+            os.makedirs(self._join(UNIVERSAL), exist_ok=True)
+            os.rename(out, final)
+            _fsync_dir(self._join(UNIVERSAL))
+        else:
+            for rel in files:
+                self.fs.put_file(os.path.join(out, rel), self._join(sub, rel))
+            self.fs.pipe_file(self._join(sub, MANIFEST), manifest)
+            self.fs.pipe_file(self._join(sub, MARKER), marker)
+        shutil.rmtree(stage_root, ignore_errors=True)
+
+
+def describe_resume(state: Optional[dict]) -> str:
+    """One line for the log: what a run resumed from."""
+    if not state:
+        return "no checkpoint found: starting from step 0"
+    r = state["resumed"]
+    text = (f"resumed from step {r['step']} ({r['path']}); world size then {r['world_size_then']}, "
+            f"now {r['world_size_now']}")
+    if r["world_size_then"] != r["world_size_now"]:
+        text += ("; model and optimizer via DeepSpeed's universal checkpoint" if r["universal"] else "")
+        text += "; loader streams restarted for the new world size"
+    if r["rejected"]:
+        text += f"; refused {len(r['rejected'])} newer checkpoint(s): " + ", ".join(
+            f"step {x['step']}: {x['problems'][0]}" for x in r["rejected"])
+    return text
+
+
+def _write_durable(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

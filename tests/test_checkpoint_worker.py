@@ -1,0 +1,146 @@
+"""torchrun entry point for the checkpoint tests (no tests in this file).
+
+``python -m torch.distributed.run --standalone --nproc_per_node N tests/test_checkpoint_worker.py ...``
+builds a tiny ViT under DeepSpeed (CPU, gloo), resumes through ``Checkpointer``, trains on a fixed
+set of generated images, saves every ``--every`` steps, and writes what the test checks to ``--out``:
+the resume report, the losses, and (rank 0) the full fp32 parameters and Adam moments after each
+save and right after the resume. ``--kill-at`` makes rank ``--kill-rank`` SIGKILL itself halfway
+through writing its optimizer file of that step's save.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--every", type=int, default=2)
+    ap.add_argument("--keep", type=int, default=2)
+    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--kill-rank", type=int, default=1)
+    return ap.parse_args(argv)
+
+
+def full_state(engine) -> dict:
+    """Every parameter and Adam moment, assembled from the ZeRO partitions (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    if getattr(opt, "_hp_optimizer_states_linked", None) is False and opt.optimizer.state:
+        # After a (non-universal) load DeepSpeed links the moments to the parameters lazily, at the
+        # next step; link them now so they can be read before any step.
+        opt._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in engine.module.named_parameters():
+        out[f"param/{name}"] = safe_get_full_fp32_param(p).detach().clone()
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).detach().clone()
+    return out
+
+
+def batch(step: int, rank: int, world_size: int, micro: int = 4):
+    """A slice of 32 fixed generated images (the model memorises them, so the loss falls)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    images = torch.randn(32, 3, 16, 16, generator=g)
+    labels = torch.randint(0, 4, (32,), generator=g)
+    idx = [(step * micro * world_size + rank * micro + i) % 32 for i in range(micro)]
+    return images[idx], labels[idx]
+
+
+def eval_loss(engine) -> float:
+    """Loss on all 32 images: the curve the world-size tests check keeps falling."""
+    import torch
+    import torch.nn.functional as F
+
+    images, labels = batch(0, 0, 1, micro=32)
+    with torch.no_grad():
+        return F.cross_entropy(engine(images), labels).item()
+
+
+def kill_halfway(engine, step_box: list, kill_at: int) -> None:
+    """Wrap DeepSpeed's writer: at save ``kill_at`` write half of the optimizer file, then SIGKILL."""
+    import torch
+
+    real = engine.checkpoint_engine.save
+
+    def save(state_dict, path):
+        if step_box[0] == kill_at and path.endswith("optim_states.pt"):
+            buf = io.BytesIO()
+            torch.save(state_dict, buf)
+            with open(path, "wb") as f:
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(state_dict, path)
+
+    engine.checkpoint_engine.save = save
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    import deepspeed
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.checkpoint import Checkpointer, rng_state, set_rng_state
+    from pretrain.model import ViT, ViTConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = ViT(ViTConfig.from_variant("mu/4", img_size=16, num_classes=4))
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+
+    ckpt = Checkpointer(args.root, keep=args.keep, rank=rank, world_size=world)
+    state = ckpt.resume(engine)
+    report: dict = {"resumed": None, "losses": {}, "eval": {}}
+    os.makedirs(args.out, exist_ok=True)
+    start = 0
+    if state is not None:
+        start = state["step"]
+        report["resumed"] = state["resumed"]
+        report["client_keys"] = sorted(state)
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
+        resumed = full_state(engine)
+        if rank == 0:
+            torch.save(resumed, os.path.join(args.out, f"resumed_{start}.pt"))
+
+    report["eval"][start] = eval_loss(engine)
+    step_box = [start]
+    if args.kill_at is not None and rank == args.kill_rank:
+        kill_halfway(engine, step_box, args.kill_at)
+    for step in range(start + 1, args.steps + 1):
+        x, y = batch(step, rank, world)
+        loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        report["losses"][step] = loss.item()
+        if step % args.every == 0:
+            step_box[0] = step
+            ckpt.save(engine, step, {"loader": {"position": step, "rank": rank}, "rng": rng_state(),
+                                     "config": {"zero": args.zero}})
+            saved = full_state(engine)
+            if rank == 0:
+                torch.save(saved, os.path.join(args.out, f"saved_{step}.pt"))
+    report["eval"][args.steps] = eval_loss(engine)
+    with open(os.path.join(args.out, f"report_rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main()
