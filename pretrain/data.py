@@ -379,13 +379,12 @@ def make_train_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_
     if state is not None:
         if state.get("version") != STATE_VERSION:
             raise InputError(f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}")
-        same = all(state.get(k) == v for k, v in identity.items())
-        carried = _sum_counts([state.get("carried", {})] + [p["counts"] for p in state["streams"]])
-        if same:
+        changed = [k for k, v in identity.items() if state.get(k) != v]
+        if not changed:
             stream_seed, positions, batches = state["stream_seed"], state["streams"], state["batches"]
             carried = dict(state.get("carried", {}))
         else:
-            changed = [k for k, v in identity.items() if state.get(k) != v]
+            carried = _sum_counts([state.get("carried", {})] + [p["counts"] for p in state["streams"]])
             stream_seed = _seed(seed, "restart", state.get("stream_seed"), state.get("batches"))
             log.warning("loader state for another layout (%s changed): fresh streams, not an exact resume",
                         ", ".join(changed))

@@ -17,7 +17,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines.config import AugmentConfig
-from pretrain.augment import TrainTransform, _draft_factor, _open
+from pretrain import augment as augment_mod
+from pretrain.augment import TrainTransform, _draft_factor, _open, seeded
 from pretrain.data import make_eval_loader, make_train_loader, num_classes_of, resolve_shards
 from pretrain.errors import InputError
 
@@ -208,3 +209,17 @@ def test_large_jpeg_decoded_in_draft_mode_when_the_crop_allows():
     assert _draft_factor(big, 1000, 760, 64, 64) == 8
     transform = TrainTransform(AugmentConfig(crop_scale=(0.9, 1.0)), 64)
     assert transform.sample(_jpeg(np.random.default_rng(1), w=1024, h=768)).shape == (3, 64, 64)
+
+
+def test_draft_decode_gives_the_same_crop_as_a_full_decode(monkeypatch):
+    yy, xx = np.mgrid[0:768, 0:1024]  # smooth gradients: a misplaced box would shift the colours a lot
+    pixels = np.stack([xx * 255 // 1023, yy * 255 // 767, (xx + yy) * 255 // 1790], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    transform = TrainTransform(AugmentConfig(crop_scale=(0.5, 1.0), flip=False), 64)  # crops >= 4x the output
+    with seeded(7):
+        drafted = transform.sample(buf.getvalue()).float()
+    monkeypatch.setattr(augment_mod, "_draft_factor", lambda *args: 1)
+    with seeded(7):
+        full = transform.sample(buf.getvalue()).float()
+    assert (drafted - full).abs().mean() < 2.0
