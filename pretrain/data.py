@@ -109,8 +109,12 @@ def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
     return urls, manifest
 
 
-def num_classes_of(manifest: dict) -> int:
-    """The number of classes a manifest declares (its ``label_names``, or ``num_classes``)."""
+def num_classes_of(manifest: Optional[dict]) -> int:
+    """The number of classes a manifest declares (its ``label_names``, or ``num_classes``).
+
+    ``None`` (shards given by a pattern, without a manifest) is an InputError asking for the count."""
+    if manifest is None:
+        raise InputError("the shards have no manifest.json to count classes from; set pretrain.num_classes")
     if manifest.get("label_names"):
         return len(manifest["label_names"])
     if manifest.get("num_classes"):
@@ -226,7 +230,7 @@ class _Window:
     """The shuffle buffer of one stream, refilled a whole window at a time (see the module docstring)."""
 
     def __init__(self, raw_from: Any, pos: dict, size: int, seed_parts: tuple):
-        self.raw_from, self.size, self.seed_parts = raw_from, size, seed_parts
+        self.size, self.seed_parts = size, seed_parts
         self.start, self.index, self.taken = (pos["draw"], pos["skip"]), pos["window"], pos["taken"]
         self._raw = raw_from(*self.start)
         self._fill()

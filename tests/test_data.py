@@ -193,6 +193,8 @@ def test_other_tools_layout_json_label_and_missing_label_error(tmp_path):
     (tmp_path / "manifest.json").unlink()
     urls, manifest = resolve_shards(str(tmp_path))
     assert manifest is None and len(urls) == 2
+    with pytest.raises(InputError, match="pretrain.num_classes"):
+        num_classes_of(manifest)
     loader = make_eval_loader(urls, batch_size=3, rank=0, world_size=1, img_size=IMG, label_key="json:label")
     assert sorted(y for _, ys in loader for y in ys.tolist()) == labels
     assert len(_take(_train(urls, label_key="json:label"), 3)) == 3
