@@ -6,12 +6,8 @@ processes (gloo, real DeepSpeed ZeRO-2, a tiny ViT) against a checkpoint folder 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,33 +15,7 @@ import torch
 
 from pretrain.checkpoint import (MANIFEST, MARKER, Checkpointer, _check_safe, describe_resume, rng_state,
                                  set_rng_state, step_name)
-
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "test_checkpoint_worker.py"
-
-
-def torchrun(nproc: int, root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the worker on ``nproc`` CPU processes; returns the finished process (output captured)."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), "--root", str(root), "--out", str(out), *args]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def reports(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob("report_rank*.json"))]
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    """Every fp32 parameter and Adam moment bitwise equal."""
-    assert a.keys() == b.keys()
-    assert any(k.startswith("exp_avg_sq/") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+from test_checkpoint_worker import assert_same_state, ok, reports, torchrun
 
 
 # --------------------------------------------------------------------------- no processes needed

@@ -1,4 +1,4 @@
-"""torchrun entry point for the checkpoint tests (no tests in this file).
+"""torchrun entry point for the checkpoint tests, and the helpers that launch it (no tests here).
 
 ``python -m torch.distributed.run --standalone --nproc_per_node N tests/test_checkpoint_worker.py ...``
 builds a tiny ViT under DeepSpeed (CPU, gloo), resumes through ``Checkpointer``, trains on a fixed
@@ -14,6 +14,38 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve()
+
+
+def torchrun(nproc: int, root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the worker on ``nproc`` CPU processes; returns the finished process (output captured)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKER), "--root", str(root), "--out", str(out), *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def reports(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("report_rank*.json"))]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Every fp32 parameter and Adam moment bitwise equal."""
+    import torch
+
+    assert a.keys() == b.keys()
+    assert any(k.startswith("exp_avg_sq/") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def parse(argv=None) -> argparse.Namespace:
