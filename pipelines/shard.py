@@ -97,23 +97,14 @@ def shards_complete(cfg: Config, out_dir: Optional[str] = None) -> bool:
 def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional[str] = None) -> dict:
     """Make (or finish) the shards of ``cfg.shard.source`` under ``out_dir`` (default ``{workdir}/shards``)
     and return the manifest. Stage metrics go to the MLflow run ``run_id`` when given."""
-    out = shard_dir(cfg, out_dir)
-    if "://" in out and not out.startswith("file://"):
-        raise InputError(f"shard output {out}: must be a local or mounted folder")
-    out = out.removeprefix("file://")
-    os.makedirs(out, exist_ok=True)
+    out = _local_dir(shard_dir(cfg, out_dir))
     digest = stage_hash(cfg)
     manifest = _read_json(os.path.join(out, MANIFEST))
     if manifest and manifest.get("hash") == digest and shards_complete(cfg, out):
         _say(f"shard: {out} is complete ({manifest['totals']['ok']} images in "
              f"{manifest['totals']['shards']} shards); nothing to do")
         return manifest
-    _claim(out, digest)
-    for stale in temporaries(out):
-        os.remove(stale)
-    index = _prepare_source(cfg)
-    plan = _load_or_make_plan(index, cfg.shard, os.path.join(out, PLAN_DIR), digest)
-    jobs = _jobs(plan.num_rows, cfg.shard.samples_per_shard)
+    plan, jobs = plan_stage(cfg, out, digest)
     todo = [j for j in jobs if not os.path.isfile(stats_path(out, j.index))]
     _say(f"shard: {cfg.shard.source} -> {out}: {plan.num_rows} rows, {len(jobs)} shards "
          f"({len(jobs) - len(todo)} already done), {len(plan.label_names)} classes")
@@ -137,6 +128,25 @@ def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional
     _say(f"shard: done: {t['ok']} images ok, {t['failed']} failed, {t['shards']} shards, "
          f"{t['bytes'] / 1e6:.1f} MB in {out}")
     return manifest
+
+
+def plan_stage(cfg: Config, out: str, digest: str) -> tuple[Plan, list[ShardJob]]:
+    """Everything before the tasks, in the driver: claim ``out``, clear temporaries, make the source's
+    plan and cut it into shard row ranges. Holds no rows, only the label names and the shard list."""
+    _claim(out, digest)
+    for stale in temporaries(out):
+        os.remove(stale)
+    index = _prepare_source(cfg)
+    plan = _load_or_make_plan(index, cfg.shard, os.path.join(out, PLAN_DIR), digest)
+    return plan, _jobs(plan.num_rows, cfg.shard.samples_per_shard)
+
+
+def _local_dir(out: str) -> str:
+    if "://" in out and not out.startswith("file://"):
+        raise InputError(f"shard output {out}: must be a local or mounted folder (shards are renamed into place)")
+    out = out.removeprefix("file://")
+    os.makedirs(out, exist_ok=True)
+    return out
 
 
 def _say(line: str) -> None:

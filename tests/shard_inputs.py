@@ -138,6 +138,13 @@ class ImageServer:
     def release(self) -> None:
         self._release.set()
 
+    def arm_hold(self) -> None:
+        """Make the next ``/hold`` request block again."""
+        with self._lock:
+            self._holds_left = 1
+        self.held.clear()
+        self._release.clear()
+
     def __enter__(self) -> "ImageServer":
         self.thread.start()
         return self
