@@ -169,10 +169,13 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        fan_in = self.patch_embed.in_channels * self.cfg.patch**2  # lecun normal
-        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1 / fan_in))
+        # LeCun normal as JAX has it: a normal truncated at 2 std, rescaled so the variance is 1/fan_in.
+        # (torch's trunc_normal_ takes absolute bounds, hence a and b.)
+        fan_in = self.patch_embed.in_channels * self.cfg.patch**2
+        std = math.sqrt(1 / fan_in) / 0.87962566103423978  # std of a standard normal truncated to (-2, 2)
+        nn.init.trunc_normal_(self.patch_embed.weight, std=std, a=-2 * std, b=2 * std)
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)  # bounds +-2 absolute, as timm: in effect normal
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
         if isinstance(self.head, nn.Linear):  # zero head: the paper's choice, and what fine-tuning needs
