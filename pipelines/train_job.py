@@ -1,0 +1,129 @@
+"""``vitscale pretrain``: the pretraining loop on Ray Train workers, one MLflow run owned by the driver.
+
+The driver resolves the config (absolute workdir, MLflow URI), logs it to the run (params + the file
+as an artifact), and starts a ``TorchTrainer`` whose workers each call ``pretrain.launch.run_job``
+with that dict: the same entry ``torchrun``/``deepspeed`` users reach through
+``python -m pretrain.launch --config FILE``. Rank 0 logs metrics to the run by id.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from pipelines.config import Config, flatten, load_config, to_dict
+from pipelines.tracking import stage_run, tracking_uri
+from pretrain.loop import EXPORT_MARKER
+from pretrain.tracking import Tracker
+
+RESOLVED_CONFIG = "config.resolved.yaml"
+
+
+def resolved_config(cfg: Config) -> dict:
+    """The whole config as a dict with a local workdir made absolute (Ray workers run elsewhere)."""
+    data = to_dict(cfg)
+    if "://" not in cfg.workdir:
+        data["workdir"] = str(Path(cfg.workdir).expanduser().resolve())
+    return data
+
+
+def write_resolved_config(cfg: Config, path: Optional[str] = None) -> str:
+    """Write the resolved config YAML (default ``{workdir}/config.resolved.yaml``); returns its path."""
+    import fsspec
+
+    data = resolved_config(cfg)
+    path = path or f"{data['workdir'].rstrip('/')}/{RESOLVED_CONFIG}"
+    with fsspec.open(path, "w", auto_mkdir=True) as f:
+        f.write(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _train_worker(spec: dict) -> dict:
+    """Runs in each Ray Train worker (process group already up): train, then say where each rank ran."""
+    import ray
+    import torch.distributed as dist
+
+    from pretrain.launch import run_job
+
+    result = run_job(spec)
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return {**result, "nodes": nodes}
+
+
+def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
+    """Pretrain with ``cfg.pretrain.workers`` Ray Train workers; log to MLflow run ``run_id`` if given.
+
+    Returns ``{"step", "metrics", "checkpoint_dir", "export_dir", "nodes"}`` (rank 0's view; ``nodes``
+    is the Ray node id of each rank). A failure in the workers raises after ``max_failures`` restarts.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.cluster import ensure_ray
+
+    p = cfg.pretrain
+    ensure_ray(cfg.ray)
+    config_path = write_resolved_config(cfg)
+    uri = tracking_uri(cfg.tracking, cfg.workdir) if run_id else None
+    spec = {"config": resolved_config(cfg), "source": config_path, "run_id": run_id, "tracking_uri": uri}
+    driver = Tracker(uri, run_id)  # tolerant: an unreachable server must not stop the job
+    driver.log_params(flatten(cfg))
+    driver.log_artifact(config_path)
+    workdir = spec["config"]["workdir"].rstrip("/")
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=spec,
+        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
+                                     resources_per_worker={"CPU": p.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"{cfg.name}-pretrain", storage_path=f"{workdir}/ray_results",
+                             failure_config=FailureConfig(max_failures=p.max_failures)),
+    )
+    try:
+        result = trainer.fit().return_value
+        driver.set_tags({"vitscale.pretrain.nodes": ",".join(result["nodes"]),
+                         "vitscale.pretrain.step": result["step"]})
+    finally:
+        driver.close()
+    return result
+
+
+def pretrain_complete(cfg: Config) -> bool:
+    """True when an export taken at step >= ``pretrain.steps`` exists (the pipeline then skips pretraining)."""
+    out = Path(cfg.workdir) / "export"
+    try:
+        marker = json.loads((out / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / "model.safetensors").is_file() and int(marker.get("step", 0)) >= cfg.pretrain.steps
+
+
+def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
+    with stage_run(cfg, "pretrain") as run_id:
+        result = run_pretrain(cfg, run_id=run_id)
+    loss = result["metrics"].get("loss")
+    print(f"[vitscale] pretrain: step {result['step']}, loss {loss if loss is None else round(loss, 4)}, "
+          f"export {result['export_dir']}, MLflow run {run_id}", flush=True)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m pipelines.train_job CONFIG --out FILE``: write the resolved config for torchrun/Slurm."""
+    ap = argparse.ArgumentParser(prog="python -m pipelines.train_job")
+    ap.add_argument("config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default=None, help=f"where to write it (default {{workdir}}/{RESOLVED_CONFIG})")
+    args = ap.parse_args(argv)
+    path = write_resolved_config(load_config(args.config, args.overrides), args.out)
+    print(path)
+    print(f"run it with: torchrun --nproc_per_node N -m pretrain.launch --config {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The pretraining loop: step, maybe log, maybe evaluate, maybe checkpoint; then export.
+
+Runs on every rank under any launcher (Ray Train, ``torchrun``, ``deepspeed``). Only rank 0 has side
+effects (console, metrics file, MLflow, export). ``m`` and ``p`` are the ``model`` and ``pretrain``
+config slices, used duck-typed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.engine import build_engine, full_state_dict, grad_norm, init_distributed, train_step, vit_config
+from pretrain.fewshot_probe import FewshotProbe
+from pretrain.metrics import Meter, detect_peak_tflops, memory_stats, train_flops_per_image
+from pretrain.model import ViT, num_params
+from pretrain.tracking import Tracker
+
+EXPORT_MARKER = "pretrain.json"  # beside the export: the step it was taken at
+
+
+def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = None,
+          tracking_uri: Optional[str] = None, data_root: Optional[str] = None) -> dict:
+    """Pretrain to ``p.steps`` optimizer steps, resuming from the latest complete checkpoint.
+
+    Returns (on every rank) ``{"step", "metrics", "checkpoint_dir", "export_dir"}``; ``metrics`` are the
+    last logged ones. A non-finite loss raises ``FloatingPointError`` naming the step. ``data_root`` is
+    where the few-shot datasets live (``transfer.data_root``).
+    """
+    from pretrain.checkpoint import Checkpointer, describe_resume, rng_state, set_rng_state
+    from pretrain.data import make_train_loader, num_classes_of, resolve_shards
+
+    info = init_distributed(p.use_gpu)
+    rank, world = info.rank, info.world_size
+    tracker = Tracker(tracking_uri, run_id, rank, bound_http=True)
+    try:
+        urls, manifest = resolve_shards(p.shards or f"{workdir}/shards")
+        num_classes = p.num_classes or num_classes_of(manifest)
+        vit = vit_config(m, num_classes)
+        torch.manual_seed(seed)  # the same initial weights on every rank and under every launcher
+        model = ViT(vit)
+        log = MetricsLog(workdir, rank, tracker, p.steps)
+        log.say(f"{num_params(model) / 1e6:.2f} M params, {num_classes} classes, {world} ranks, "
+                f"ZeRO {p.zero_stage}, {p.precision}")
+        engine = build_engine(model, p, world)
+        ckpt = Checkpointer(root=f"{workdir}/checkpoints", keep=p.keep_checkpoints, rank=rank, world_size=world)
+        state = ckpt.resume(engine)
+        log.say(describe_resume(state))
+        step = state["step"] if state else 0
+        if state and state.get("rng"):
+            set_rng_state(state["rng"])
+        loader = make_train_loader(
+            urls, batch_size=p.micro_batch, rank=rank, world_size=world, seed=seed, img_size=m.img_size,
+            augment=p.augment, label_key=p.label_key, shuffle_buffer=p.shuffle_buffer,
+            num_workers=p.loader_workers, state=state.get("loader") if state else None,
+            num_classes=num_classes, pin_memory=p.use_gpu)
+        batches = iter(loader)
+        meter = Meter(train_flops_per_image(vit, m.act_checkpoint), world,
+                      p.peak_tflops or detect_peak_tflops(info.device))
+        fewshot = FewshotProbe(p.fewshot, m.img_size, data_root, seed, p.augment) if p.fewshot.datasets else None
+        metrics: dict[str, float] = {}
+        losses: list[torch.Tensor] = []
+        while step < p.steps:
+            result = train_step(engine, batches)
+            step += 1
+            losses.append(_mean_over_ranks(result.loss))
+            _check_finite(losses[-1], step)
+            meter.add(result.images * world, result.data_s)
+            if step % p.log_every == 0 or step == p.steps:
+                metrics = _window_metrics(engine, result.lr, losses, meter, loader, info.device)
+                log.write(step, metrics)
+                losses = []
+            if fewshot and (step % p.fewshot.every == 0 or step == p.steps):
+                log.write(step, fewshot.evaluate(engine, rank))
+            if step % p.checkpoint_every == 0 or step == p.steps:
+                ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state()})
+        export_dir = _export(engine, vit, p, workdir, step, rank)
+        return {"step": step, "metrics": metrics, "checkpoint_dir": f"{workdir}/checkpoints",
+                "export_dir": export_dir}
+    finally:
+        tracker.close()
+
+
+def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)
+    return loss / dist.get_world_size()
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    value = float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"pretraining stopped: the loss is {value} at step {step}")
+
+
+def _window_metrics(engine, lr: float, losses: list[torch.Tensor], meter: Meter, loader,
+                    device: torch.device) -> dict[str, float]:
+    """What is logged every ``log_every`` steps. Collective: every rank calls it (loader counts are summed)."""
+    counts: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(counts, dict(loader.counts()))
+    loader_counts: dict[str, float] = {}
+    for rank_counts in counts:
+        for key, value in rank_counts.items():
+            loader_counts[f"loader_{key}"] = loader_counts.get(f"loader_{key}", 0) + value
+    return {"loss": float(torch.stack(losses).mean()), "lr": lr, "grad_norm": grad_norm(engine),
+            **meter.report(), **loader_counts, **memory_stats(device)}
+
+
+def _export(engine, vit, p: Any, workdir: str, step: int, rank: int) -> str:
+    """Rank 0 writes ``{workdir}/export/{model.safetensors,config.json}`` from the gathered fp32 weights."""
+    from pretrain.convert import save_safetensors
+
+    out = Path(workdir) / "export"
+    state = full_state_dict(engine, rank)  # collective
+    if rank == 0:
+        save_safetensors(state, vit, out, drop_head=vit.representation_size is not None,
+                         mean=tuple(p.augment.mean), std=tuple(p.augment.std))
+        (out / EXPORT_MARKER).write_text(json.dumps({"step": step}) + "\n")
+    dist.barrier()
+    return str(out)
+
+
+class MetricsLog:
+    """Rank 0's console lines, ``{workdir}/logs/pretrain.jsonl`` and MLflow metrics; a no-op elsewhere."""
+
+    def __init__(self, workdir: str, rank: int, tracker: Tracker, total_steps: int):
+        self.active = rank == 0
+        self.tracker = tracker
+        self.total = total_steps
+        # The file is the record that survives an MLflow outage; object-store workdirs have only MLflow.
+        self.path = None if "://" in workdir else Path(workdir) / "logs" / "pretrain.jsonl"
+        if self.active and self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def say(self, text: str) -> None:
+        if self.active:
+            print(f"[pretrain] {text}", flush=True)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active or not metrics:
+            return
+        self.tracker.log_metrics(metrics, step)
+        if self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.say(f"step {step}/{self.total} " + _console(metrics))
+
+
+def _console(metrics: dict[str, float]) -> str:
+    if "loss" not in metrics:
+        return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    mfu = f"{metrics['mfu']:.1%}" if "mfu" in metrics else "-"
+    mem = next((f"{v:.2f} GiB" for k, v in metrics.items() if k.startswith("mem_peak")), "-")
+    return (f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
+            f"img/s {metrics['img_per_s']:.1f} TFLOP/s {metrics['tflops_per_device']:.3g} MFU {mfu} "
+            f"data-wait {metrics['data_wait_frac']:.0%} skipped {metrics.get('loader_skipped_corrupt', 0):.0f} "
+            f"mem {mem}")

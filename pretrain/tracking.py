@@ -1,0 +1,128 @@
+"""MLflow logging from a training process: rank 0 only, to an existing run by id, never in the way.
+
+Calls queue work for a background thread that talks to MLflow through ``MlflowClient``. When the
+server is unreachable the thread warns once, retries each item for at most ``retry_s`` seconds, then
+drops it and tries the next item once; training itself never waits on the network, and ``close``
+returns within a bounded time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional
+
+_STOP = object()
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Logs metrics, params and artifacts to MLflow run ``run_id`` when ``rank == 0`` and both
+    ``uri`` and ``run_id`` are given; otherwise every call is a no-op."""
+
+    def __init__(self, uri: Optional[str], run_id: Optional[str], rank: int = 0, *,
+                 retry_s: float = 30.0, max_queue: int = 10000, bound_http: bool = False):
+        self.run_id = run_id
+        self.enabled = rank == 0 and bool(uri) and bool(run_id)
+        self.retry_s = retry_s
+        self.dropped = 0
+        self._down = False
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._thread: Optional[threading.Thread] = None
+        if not self.enabled:
+            return
+        if bound_http:
+            # MLflow's own HTTP retries back off for minutes; ours are bounded, so theirs go. Only set
+            # when the user did not choose, and only in processes that own nothing else of MLflow.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        import mlflow
+
+        self._client = mlflow.MlflowClient(tracking_uri=uri)
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public, non-blocking
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue numeric metrics at ``step`` (non-finite values are logged as MLflow stores them)."""
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._put(lambda c: c.log_batch(self.run_id, metrics=batch))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Queue params (values stringified; MLflow caps them at 6000 characters)."""
+        if not self.enabled or not params:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            chunk = items[i:i + 100]
+            self._put(lambda c, chunk=chunk: c.log_batch(self.run_id, params=chunk))
+
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        if self.enabled:
+            self._put(lambda c: c.log_artifact(self.run_id, path, artifact_path))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self._put(lambda c, k=k, v=v: c.set_tag(self.run_id, k, str(v)))
+
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Flush what is queued, waiting at most ``timeout_s`` (default: ``retry_s`` + 10 s)."""
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(_STOP, timeout=1.0)
+        except queue.Full:
+            pass
+        self._thread.join(self.retry_s + 10.0 if timeout_s is None else timeout_s)
+        if self._thread.is_alive():
+            log.warning("MLflow tracker: gave up flushing (%d items dropped so far)", self.dropped)
+        self._thread = None
+
+    # ------------------------------------------------------------------ background thread
+
+    def _put(self, op: Callable) -> None:
+        try:
+            self._queue.put_nowait(op)
+        except queue.Full:
+            self.dropped += 1
+
+    def _work(self) -> None:
+        while True:
+            op = self._queue.get()
+            if op is _STOP:
+                return
+            self._run(op)
+
+    def _run(self, op: Callable) -> None:
+        # While the server is known to be down, one attempt per item; otherwise retry for retry_s.
+        deadline = time.monotonic() + (0.0 if self._down else self.retry_s)
+        delay = 0.5
+        while True:
+            try:
+                op(self._client)
+            except Exception as e:  # noqa: BLE001 - any failure of the tracking server is not ours to raise
+                if not self._down:
+                    self._down = True
+                    log.warning("MLflow tracking unreachable (%s: %s); training goes on, retrying for up "
+                                "to %.0f s", type(e).__name__, str(e)[:200], self.retry_s)
+                if time.monotonic() + delay > deadline:
+                    self.dropped += 1
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._down:
+                self._down = False
+                log.warning("MLflow tracking reachable again (%d items dropped)", self.dropped)
+            return
