@@ -161,8 +161,9 @@ def _process_open(im: Image.Image, data: bytes, settings: ImageSettings) -> Enco
             k = min(out) / min(w, h)
             im.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
         im.load()
-        if not is_jpeg:
+        if not is_jpeg:  # other formats keep EXIF where only a full load finds it
             orientation = _orientation(im)
+            out = target_size((h, w) if orientation >= 5 else (w, h), settings)
         im = _to_rgb(im)
     except DECODE_ERRORS as e:
         raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None

@@ -156,6 +156,7 @@ def _say(line: str) -> None:
 def _claim(out: str, digest: str) -> None:
     """Mark ``out`` as holding this run's shards; shards made from another source or other settings
     (an earlier marker with another hash) are removed first, since their stats would read as done."""
+    os.makedirs(out, exist_ok=True)
     marker = os.path.join(out, MARKER)
     previous = _read_json(marker)
     if previous and previous.get("hash") != digest:

@@ -15,6 +15,7 @@ the other kind than the index's first valid label fails with reason ``bad_label`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -326,10 +327,14 @@ def _columns_hint(shard: ShardConfig) -> str:
 
 def _plan_parquet(source: str, shard: ShardConfig) -> Plan:
     """Parquet is read in place; one pass over the label column finds the label kind and names."""
+    with _parquet_file(source) as pf:
+        return _plan_open_parquet(pf, source, shard)
+
+
+def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    pf = _parquet_file(source)
     names = pf.schema_arrow.names
     for col in (shard.path_column, shard.label_column):
         if col not in names:
@@ -364,16 +369,22 @@ def _plan_parquet(source: str, shard: ShardConfig) -> Plan:
     return Plan(table, pf.metadata.num_rows, labels.label_names())
 
 
-def _parquet_file(path: str):
+@contextlib.contextmanager
+def _parquet_file(path: str) -> Iterator[Any]:
+    """A ``pyarrow.parquet.ParquetFile`` on a local or remote file, closed afterwards."""
     import fsspec
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(fsspec.open(path, "rb").open())
+        f = fsspec.open(path, "rb").open()
     except FileNotFoundError:
         raise InputError(f"shard.source: {path} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not parquet
-        raise InputError(f"shard.source: {path} is not a readable parquet file: {e}") from None
+    with f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not parquet
+            raise InputError(f"shard.source: {path} is not a readable parquet file: {e}") from None
+        yield pf
 
 
 # --------------------------------------------------------------------------- reading in the tasks
@@ -382,7 +393,11 @@ def _parquet_file(path: str):
 def read_rows(table: Table, start: int, stop: int) -> list[tuple[Optional[str], Any, Optional[str]]]:
     """Rows ``[start, stop)`` as (location, raw label, error or None); reads only the row groups that
     overlap the range."""
-    pf = _parquet_file(table.path)
+    with _parquet_file(table.path) as pf:
+        return _read_open_rows(pf, table, start, stop)
+
+
+def _read_open_rows(pf, table: Table, start: int, stop: int) -> list[tuple[Optional[str], Any, Optional[str]]]:
     md = pf.metadata
     groups, first, pos = [], None, 0
     for g in range(md.num_row_groups):

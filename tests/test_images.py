@@ -76,6 +76,22 @@ def test_cmyk_keeps_its_colours():
     assert np.abs(got - expected).mean() < 6
 
 
+def test_truncated_jpeg_within_size_is_rejected_too():
+    """The keep-the-original path still decodes the whole stream (at 1/8 scale) before keeping it."""
+    data = jpeg(9, (60, 40), quality=95)
+    with pytest.raises(Rejected) as err:
+        process(data[: len(data) * 2 // 3], SETTINGS)
+    assert err.value.reason == "undecodable"
+
+
+def test_rotated_png_is_resized_upright():
+    stored = photo(8, (120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = process(encode(stored, "PNG", exif=exif.tobytes()), SETTINGS)
+    assert out.size == (64, 96)
+
+
 def test_rgb_jpeg_within_size_keeps_its_bytes():
     data = jpeg(1, (60, 40), quality=80)
     out = process(data, SETTINGS)

@@ -39,7 +39,8 @@ def make_folder(root, per_class: int = 7) -> dict[str, bytes]:
 
 def config(tmp_path, source: str, **overrides):
     base = {"workdir": str(tmp_path / "wd"), "shard.source": source, "shard.samples_per_shard": 5,
-            "shard.image_size": 48, "shard.download.threads": 4}
+            "shard.image_size": 48, "shard.download.threads": 4,
+            "shard.max_in_flight": 2}  # two workers: each imports torch (via webdataset) once
     return replace(load_config(None), **{**base, **overrides})
 
 

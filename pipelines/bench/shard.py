@@ -1,0 +1,231 @@
+"""``vitscale bench shard``: images/s of the shard stage beside a plain single-process Pillow loop.
+
+Corpus: generated JPEG photos of web-like sizes (shorter side log-normal around 350 px, common aspect
+ratios, so the median is about 500x350; a quarter are under 256 px and a fifth over 512 px), with
+photo-like content (smooth colour fields, soft shapes, mid-frequency texture, sensor noise).
+
+Measured, on the same corpus and settings (keep_ratio 256, quality 95):
+- baseline: one process doing decode -> RGB -> bicubic resize of the shorter side to 256 -> JPEG 95;
+- the stage (``run_shard_stage`` on a local Ray, folder source, tars written) with 1 worker, 2
+  workers, and all cores; per-core figures divide by the workers used;
+- planning a generated 10M-row parquet index in a fresh process: seconds and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+
+import numpy as np
+
+CORPUS_VERSION = 1
+SHORT_MEDIAN, SHORT_SIGMA = 350, 0.45
+ASPECTS = [(1.0, 0.10), (4 / 3, 0.35), (3 / 2, 0.35), (16 / 9, 0.20)]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="vitscale bench shard", description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2400, help="corpus size")
+    ap.add_argument("--per-shard", type=int, default=100, help="samples_per_shard for the stage runs")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "vitscale-bench-shard"),
+                    help="where the corpus and outputs go (the corpus is reused between runs)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
+    ap.add_argument("--plan-rows", type=float, default=10e6, help="rows of the planning index (0 = skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def photo(rng: np.random.Generator, w: int, h: int):
+    """A photo-like RGB picture: smooth colour field, soft shapes, texture and sensor noise."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    base = rng.integers(0, 256, (int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3), dtype=np.uint8)
+    im = Image.fromarray(base).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(3, 8))):  # objects with edges
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(w // 10, w // 2)), y0 + int(rng.integers(h // 10, h // 2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.8, 2.5))))
+    texture = rng.normal(0, 20, (max(2, h // 12), max(2, w // 12), 3)) + 128
+    texture = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    pixels = (np.asarray(im, np.int16) + np.asarray(texture, np.int16) - 128
+              + rng.normal(0, 4, (h, w, 1)).astype(np.int16))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def photo_size(rng: np.random.Generator) -> tuple[int, int]:
+    short = int(np.clip(rng.lognormal(np.log(SHORT_MEDIAN), SHORT_SIGMA), 64, 4000))
+    aspect = ASPECTS[rng.choice(len(ASPECTS), p=[p for _, p in ASPECTS])][0]
+    long_ = int(round(short * aspect))
+    return (long_, short) if rng.random() < 0.75 else (short, long_)  # most photos are landscape
+
+
+def _make_one(job: tuple[str, int, int]) -> None:
+    path, seed, quality = job
+    rng = np.random.default_rng(seed)
+    w, h = photo_size(rng)
+    photo(rng, w, h).save(path, "JPEG", quality=quality)
+
+
+def make_corpus(root: str, count: int, seed: int) -> list[str]:
+    """``count`` photos in 10 class folders under ``root`` (reused when already made the same way)."""
+    marker = os.path.join(root, "corpus.json")
+    want = {"version": CORPUS_VERSION, "count": count, "seed": seed}
+    paths = [os.path.join(root, f"class{i % 10}", f"{i:06d}.jpg") for i in range(count)]
+    if os.path.isfile(marker) and json.load(open(marker)) == want:
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    for c in range(10):
+        os.makedirs(os.path.join(root, f"class{c}"))
+    jobs = [(p, seed * 1_000_003 + i, int(75 + (i * 7) % 21)) for i, p in enumerate(paths)]  # web JPEG 75..95
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_make_one, jobs, chunksize=16)
+    json.dump(want, open(marker, "w"))
+    return paths
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def plain_pillow_loop(paths: list[str], size: int = 256, quality: int = 95) -> float:
+    """images/s of the textbook loop, one process: decode, RGB, bicubic resize, JPEG encode."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as f:
+            im = Image.open(io.BytesIO(f.read())).convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def stage_rate(cfg, out: str, workers: int) -> float:
+    """images/s of the whole stage (planning, tasks, tars, manifest) with ``workers`` tasks at a time."""
+    from pipelines.config import replace
+    from pipelines.shard import run_shard_stage
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = replace(cfg, **{"shard.max_in_flight": workers})
+    t0 = time.perf_counter()
+    manifest = run_shard_stage(cfg, out_dir=out)
+    rate = manifest["totals"]["total"] / (time.perf_counter() - t0)
+    shutil.rmtree(out, ignore_errors=True)
+    return rate
+
+
+PLAN_SCRIPT = r"""
+import json, resource, sys, time
+from pipelines.config import load_config
+from pipelines.shard import plan_stage, stage_hash
+index, out = sys.argv[1], sys.argv[2]
+cfg = load_config(None, [f"shard.source={index}", "shard.samples_per_shard=10000", f"workdir={out}"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+plan, jobs = plan_stage(cfg, out, stage_hash(cfg))
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "rows": plan.num_rows, "shards": len(jobs), "classes": len(plan.label_names),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "before_mb": before / 1024}))
+"""
+
+
+def make_index(path: str, rows: int, classes: int = 1000) -> None:
+    """A parquet index of ``rows`` object-store URLs with string labels, written in bounded batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if os.path.isfile(path) and pq.ParquetFile(path).metadata.num_rows == rows:
+        return
+    schema = pa.schema([("path", pa.string()), ("label", pa.string())])
+    batch = 1_000_000
+    with pq.ParquetWriter(path + ".tmp", schema, compression="zstd") as w:
+        for start in range(0, rows, batch):
+            n = min(batch, rows - start)
+            ids = np.arange(start, start + n)
+            paths = pa.array(np.char.add("s3://bucket/images/", np.char.zfill(ids.astype(str), 10)).astype(object) + ".jpg")
+            labels = pa.array(np.char.add("n", np.char.zfill((ids * 7919 % classes).astype(str), 8)).astype(object))
+            w.write_table(pa.table({"path": paths, "label": labels}, schema=schema), row_group_size=100_000)
+    os.replace(path + ".tmp", path)
+
+
+def planning(root: str, rows: int) -> dict:
+    """Plan a ``rows``-row parquet index in a fresh process; its peak RSS is the driver's planning memory."""
+    index = os.path.join(root, f"index_{rows}.parquet")
+    make_index(index, rows)
+    out = os.path.join(root, "plan_out")
+    shutil.rmtree(out, ignore_errors=True)
+    res = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, index, out], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"planning run failed:\n{res.stderr}")
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = parse(getattr(args, "rest", None) or [])
+    import ray
+    from PIL import Image
+
+    from pipelines.config import load_config, replace
+
+    cores = os.cpu_count() or 1
+    os.makedirs(opts.dir, exist_ok=True)
+    corpus = os.path.join(opts.dir, "corpus")
+    t0 = time.perf_counter()
+    paths = make_corpus(corpus, opts.images, opts.seed)
+    sizes = sorted(Image.open(p).size for p in paths[:: max(1, len(paths) // 500)])
+    shorts = np.array([min(s) for s in sizes])
+    print(f"corpus: {len(paths)} JPEG photos in {corpus} ({time.perf_counter() - t0:.0f} s); median "
+          f"{int(np.median([s[0] for s in sizes]))}x{int(np.median([s[1] for s in sizes]))}, "
+          f"shorter side <= 256: {np.mean(shorts <= 256):.0%}, >= 512: {np.mean(shorts >= 512):.0%}", flush=True)
+
+    cfg = load_config(None, [f"workdir={os.path.join(opts.dir, 'wd')}", f"shard.source={corpus}",
+                             f"shard.samples_per_shard={opts.per_shard}", "shard.image_size=256",
+                             "shard.resize_mode=keep_ratio", "shard.quality=95", "shard.download.threads=4"])
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    workers = sorted({1, min(2, cores), cores})
+    warm_corpus = os.path.join(opts.dir, "warm_corpus")  # a small run first: workers start and import
+    make_corpus(warm_corpus, 20 * cores, seed=opts.seed + 1)
+    warm = replace(cfg, **{"shard.source": warm_corpus, "shard.samples_per_shard": 10})
+    stage_rate(warm, os.path.join(opts.dir, "warm"), cores)
+
+    plain, stage = [], {w: [] for w in workers}
+    for _ in range(opts.repeats):  # interleaved, so a busy spell on the machine hits both sides
+        plain.append(plain_pillow_loop(paths))
+        for w in workers:
+            stage[w].append(stage_rate(cfg, os.path.join(opts.dir, "out"), w))
+    ray.shutdown()
+    base = max(plain)
+    best = {w: max(r) for w, r in stage.items()}
+
+    print(f"\nshard stage vs a plain Pillow loop: keep_ratio 256, quality 95, {cores} cores, best of {opts.repeats}")
+    print(f"{'':34s}{'images/s':>10s}{'per core':>10s}")
+    print(f"{'plain Pillow loop, 1 process':34s}{base:10.1f}{base:10.1f}")
+    for w in workers:
+        print(f"{f'stage, {w} worker' + ('s' if w > 1 else ''):34s}{best[w]:10.1f}{best[w] / w:10.1f}")
+    per_core = best[cores] / cores
+    print(f"stage per core / plain loop: {per_core / base:.2f}x (target >= 1.3x)")
+    if 2 in best:
+        print(f"scaling 1 -> 2 workers: {best[2] / (2 * best[1]):.0%} of linear (target >= 90 %)")
+    if opts.plan_rows:
+        p = planning(opts.dir, int(opts.plan_rows))
+        print(f"planning a {p['rows']:,}-row parquet index ({p['classes']} string labels, {p['shards']} shards): "
+              f"{p['seconds']:.1f} s, peak driver memory {p['peak_mb']:.0f} MB "
+              f"(after imports {p['before_mb']:.0f} MB; target <= 1024 MB)")
+    return 0
+
