@@ -123,6 +123,36 @@ def _vitscale(args: list[str], env: dict, timeout: float = 240) -> subprocess.Co
                           timeout=timeout, cwd=REPO)
 
 
+_SESSION = """
+import contextlib, io, json, sys
+from pipelines import cli
+out, job = [], None
+for step in json.loads(sys.argv[1]):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        if isinstance(step, str):
+            exec(step)
+            rc = 0
+        else:
+            rc = cli.main([a.replace("{job}", job or "") for a in step])
+    if isinstance(step, str):
+        job = buf.getvalue().split()[-1]
+    out.append((rc, buf.getvalue()))
+print("@@" + json.dumps(out))
+"""
+
+
+def _cli_session(steps: list, env: dict) -> list[tuple[int, str]]:
+    """Run ``vitscale`` argument lists (or Python snippets) one after another in ONE fresh process,
+    whose environment holds the token from the start; each gives (exit code, output). One process
+    instead of one per command: each start imports Ray again, seconds on a busy 2-core machine."""
+    res = subprocess.run([sys.executable, "-c", _SESSION, json.dumps(steps)], env=env, capture_output=True,
+                         text=True, timeout=240, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-4000:]
+    result = next(line for line in res.stdout.splitlines() if line.startswith("@@"))
+    return [tuple(step) for step in json.loads(result[2:])]
+
+
 def _image_folder(root: Path) -> Path:
     from PIL import Image
 
@@ -162,7 +192,7 @@ def test_submit_shard_job_then_status_logs_list(ray_head, tmp_path):
     assert sum(s["samples"] for s in manifest["shards"]) == 8
 
     # What was uploaded: the checkout without .venv/.git/runs, plus the resolved config.
-    shipped = list(ray_head.temp_dir.glob(f"session_*/runtime_resources/working_dir_files/*/{JOB_CONFIG}"))
+    shipped = list(ray_head.temp_dir.glob(f"session_latest/runtime_resources/working_dir_files/*/{JOB_CONFIG}"))
     assert len(shipped) == 1
     updir = shipped[0].parent
     assert (updir / "pipelines" / "submit.py").is_file()
@@ -170,36 +200,33 @@ def test_submit_shard_job_then_status_logs_list(ray_head, tmp_path):
     assert secret not in shipped[0].read_text()
     assert load_config(shipped[0]) == job_config(load_config(cfg_path))
 
-    status = _vitscale(["jobs", "status", job_id, "--address", ray_head.address], env)
-    assert status.returncode == 0, status.stderr
-    assert "SUCCEEDED" in status.stdout
-    assert "MLFLOW_TRACKING_PASSWORD" in status.stdout and "AWS_ACCESS_KEY_ID" in status.stdout
-    assert secret not in status.stdout
+    status, logs, followed, listing = _cli_session([
+        ["jobs", "status", job_id, "--address", ray_head.address],
+        ["jobs", "logs", job_id, "--address", ray_head.address],
+        ["jobs", "logs", job_id, "--follow", "--address", ray_head.address],
+        ["jobs", "list", "--address", ray_head.address],
+    ], env)
+    assert all(rc == 0 for rc, _ in (status, logs, followed, listing)), (status, logs, followed, listing)
+    assert "status:     SUCCEEDED" in status[1]
+    assert "MLFLOW_TRACKING_PASSWORD" in status[1] and "AWS_ACCESS_KEY_ID" in status[1]
+    assert secret not in status[1]
+    assert f"vitscale shard {JOB_CONFIG}" in logs[1]  # Ray's "Running entrypoint ..." line
+    assert f"vitscale shard {JOB_CONFIG}" in followed[1]
+    assert job_id in listing[1]
 
-    logs = _vitscale(["jobs", "logs", job_id, "--address", ray_head.address], env)
-    assert logs.returncode == 0, logs.stderr
-    assert f"vitscale shard {JOB_CONFIG}" in logs.stdout  # Ray's "Running entrypoint ..." line
-    followed = _vitscale(["jobs", "logs", job_id, "--follow", "--address", ray_head.address], env)
-    assert followed.returncode == 0 and f"vitscale shard {JOB_CONFIG}" in followed.stdout
 
-    listing = _vitscale(["jobs", "list", "--address", ray_head.address], env)
-    assert listing.returncode == 0 and job_id in listing.stdout
-
-
-def test_no_wait_then_stop(ray_head, tmp_path):
+def test_no_wait_then_stop(ray_head):
     """A job that would run for minutes (``sleep``, sent through the real client) stops on request."""
-    from ray.job_submission import JobStatus
-
     env = dict(ray_head.env, RAY_ADDRESS=ray_head.address)  # jobs takes $RAY_ADDRESS without --address
-    code = ("import os, ray.job_submission as j; "
-            "print(j.JobSubmissionClient(os.environ['RAY_ADDRESS']).submit_job(entrypoint='sleep 300'))")
-    job_id = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            check=True, timeout=60).stdout.split()[-1]
-    stop = _vitscale(["jobs", "stop", job_id], env)  # waits until the job has ended
-    assert stop.returncode == 0, stop.stderr
-    assert f"{job_id}: {JobStatus.STOPPED}" in stop.stdout
-    status = _vitscale(["jobs", "status", job_id], env)
-    assert "status:     STOPPED" in status.stdout
+    (submitted, job_id), stop, status = _cli_session([
+        "import os, ray.job_submission as j; "
+        "print(j.JobSubmissionClient(os.environ['RAY_ADDRESS']).submit_job(entrypoint='sleep 300'))",
+        ["jobs", "stop", "{job}"],  # waits until the job has ended
+        ["jobs", "status", "{job}"],
+    ], env)
+    assert submitted == 0 and stop[0] == 0 and status[0] == 0, (job_id, stop, status)
+    assert f"{job_id.strip()}: STOPPED" in stop[1]
+    assert "status:     STOPPED" in status[1]
 
 
 def test_wrong_token_exits_2(ray_head):
