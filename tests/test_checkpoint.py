@@ -1,19 +1,19 @@
-"""Checkpoints: atomic publish, a process killed while writing, a flipped byte, keep-N, safe state.
+"""Checkpoints: atomic publish, a process killed while writing, a flipped byte, keep-N, safe
+state, and resume on another number of workers (2 -> 1 -> 2) with model and Adam moments equal.
 
-The multi-process tests run ``tests/test_checkpoint_worker.py`` under ``torchrun`` with 2 CPU
-processes (gloo, real DeepSpeed ZeRO-2, a tiny ViT) against a checkpoint folder in tmp_path.
+The multi-process tests run ``tests/test_checkpoint_worker.py`` under ``torchrun`` with 1 or 2 CPU
+processes (gloo, real DeepSpeed ZeRO-2, a tiny ViT) against one checkpoint folder; see ``runs``.
 """
 from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from pretrain.checkpoint import (MANIFEST, MARKER, Checkpointer, _check_safe, describe_resume, rng_state,
+from pretrain.checkpoint import (MANIFEST, MARKER, UNIVERSAL, Checkpointer, _check_safe, describe_resume, rng_state,
                                  set_rng_state, step_name)
 from test_checkpoint_worker import assert_same_state, ok, reports, torchrun
 
@@ -50,73 +50,114 @@ def test_only_marked_checkpoints_count_and_keep_must_be_positive(tmp_path):
     assert describe_resume(None).startswith("no checkpoint")
 
 
-# --------------------------------------------------------------------------- torchrun, 2 processes
+# --------------------------------------------------------------------------- torchrun, 1 and 2 processes
 
 
 @pytest.fixture(scope="module")
-def crashed_then_resumed(tmp_path_factory):
-    """Run 1 saves steps 2, 4, 6 (keep 2) and rank 1 is SIGKILLed halfway through writing step 8;
-    run 2 resumes and trains to step 8."""
-    base = tmp_path_factory.mktemp("crash")
+def runs(tmp_path_factory):
+    """Four runs on one checkpoint folder (keep 2), each resuming what the one before left:
+
+    kill: 2 ranks save steps 2, 4, 6; rank 1 is SIGKILLed halfway through writing step 8.
+    same: 2 ranks resume and train to step 8.
+    down: a byte of step 8 is flipped; 1 rank resumes (refusing step 8) and trains to step 10.
+    up:   2 ranks resume the 1-rank checkpoint and train to step 12.
+    """
+    base = tmp_path_factory.mktemp("ckpt")
     root = base / "checkpoints"
-    first = torchrun(2, root, base / "run1", "--steps", "8", "--every", "2", "--keep", "2", "--kill-at", "8")
-    after_crash = {
+    r = {"base": base, "root": root}
+    r["kill"] = torchrun(2, root, base / "kill", "--steps", "8", "--kill-at", "8")
+    r["after_kill"] = {
         "dirs": sorted(p.name for p in root.iterdir()),
         "partial": sorted(str(p.relative_to(root / ".partial")) for p in (root / ".partial").rglob("*") if p.is_file()),
         "latest": (root / "latest").read_text(),
     }
-    second = torchrun(2, root, base / "run2", "--steps", "8", "--every", "2", "--keep", "2")
-    return dict(base=base, root=root, first=first, second=second, after_crash=after_crash)
+    r["same"] = torchrun(2, root, base / "same", "--steps", "8")
+    r["after_same"] = {"dirs": sorted(p.name for p in root.iterdir()), "latest": (root / "latest").read_text()}
+    bad = root / step_name(8) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if bad.exists():
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        bad.write_bytes(bytes(data))
+        r["bad"], r["bad_bytes"] = bad, bytes(data)
+    r["down"] = torchrun(1, root, base / "down", "--steps", "10")
+    r["up"] = torchrun(2, root, base / "up", "--steps", "12")
+    return r
 
 
-def test_killed_while_writing_resumes_from_previous_complete(crashed_then_resumed):
-    r = crashed_then_resumed
-    root, base = r["root"], r["base"]
-    assert r["first"].returncode != 0  # the SIGKILL took the job down
+def test_killed_while_writing_resumes_from_previous_complete(runs):
+    root, base = runs["root"], runs["base"]
+    assert runs["kill"].returncode != 0  # the SIGKILL took the job down
     # The half-written step 8 exists only under the staging name; keep=2 removed step 2.
-    assert r["after_crash"]["dirs"] == [".partial", "latest", step_name(4), step_name(6)]
-    assert "step_00000008/zero_pp_rank_1_mp_rank_00_optim_states.pt" in r["after_crash"]["partial"]
-    assert r["after_crash"]["latest"] == step_name(6)
+    assert runs["after_kill"]["dirs"] == [".partial", "latest", step_name(4), step_name(6)]
+    assert "step_00000008/zero_pp_rank_1_mp_rank_00_optim_states.pt" in runs["after_kill"]["partial"]
+    assert runs["after_kill"]["latest"] == step_name(6)
 
-    ok(r["second"])
-    for rank, rep in enumerate(reports(base / "run2")):
+    ok(runs["same"])
+    for rep in reports(base / "same"):
         assert rep["resumed"]["step"] == 6
         assert (rep["resumed"]["world_size_then"], rep["resumed"]["world_size_now"]) == (2, 2)
-        assert rep["resumed"]["rejected"] == []
+        assert rep["resumed"]["rejected"] == [] and rep["resumed"]["universal"] is False
         assert "loader" in rep["client_keys"] and "rng" in rep["client_keys"]
-    assert_same_state(torch.load(base / "run1" / "saved_6.pt"), torch.load(base / "run2" / "resumed_6.pt"))
-    assert sorted(p.name for p in root.iterdir()) == ["latest", step_name(6), step_name(8)]
-    assert (root / "latest").read_text() == step_name(8)
-    meta = json.loads((root / step_name(8) / MANIFEST).read_text())
-    assert set(meta["files"]) == {p.name for p in (root / step_name(8)).iterdir()} - {MANIFEST, MARKER}
+    assert_same_state(torch.load(base / "kill" / "saved_6.pt"), torch.load(base / "same" / "resumed_6.pt"))
+    assert runs["after_same"] == {"dirs": ["latest", step_name(6), step_name(8)], "latest": step_name(8)}
+
+
+def test_manifest_lists_every_file_and_client_state_loads_safely(runs):
+    ok(runs["up"])
+    step = runs["root"] / step_name(12)
+    meta = json.loads((step / MANIFEST).read_text())
+    assert meta["step"] == 12 and meta["world_size"] == 2
+    assert set(meta["files"]) == {p.name for p in step.iterdir()} - {MANIFEST, MARKER}
     assert {"client_rank0.pt", "client_rank1.pt", "mp_rank_00_model_states.pt"} <= set(meta["files"])
-    # Our own per-rank state: the loader position of that rank, loadable without unpickling code.
-    client = torch.load(root / step_name(8) / "client_rank1.pt", weights_only=True)
-    assert client["loader"] == {"position": 8, "rank": 1} and client["world_size"] == 2
+    client = torch.load(step / "client_rank1.pt", weights_only=True)
+    assert client["loader"] == {"position": 12, "rank": 1} and client["world_size"] == 2
 
 
-def test_flipped_byte_is_refused_and_previous_checkpoint_used(crashed_then_resumed, tmp_path):
-    r = crashed_then_resumed
-    ok(r["second"])
-    root = tmp_path / "checkpoints"
-    shutil.copytree(r["root"], root)
-    bad = root / step_name(8) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    data = bytearray(bad.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    bad.write_bytes(bytes(data))
+def test_flipped_byte_is_refused_and_previous_checkpoint_used(runs):
+    root, base, down = runs["root"], runs["base"], runs["down"]
+    ok(runs["same"])
+    bad = runs["bad"]
+    ok(down)
+    assert f"refusing checkpoint {root / step_name(8)}" in down.stderr
+    assert f"{bad}: sha256" in down.stderr and "does not match the manifest" in down.stderr
+    (rep,) = reports(base / "down")
+    assert rep["resumed"]["step"] == 6
+    assert rep["resumed"]["rejected"][0]["step"] == 8
+    assert str(bad) in rep["resumed"]["rejected"][0]["problems"][0]
+    # The refused checkpoint is kept aside for inspection.
+    assert (root / "rejected" / step_name(8) / bad.name).read_bytes() == runs["bad_bytes"]
 
-    third = torchrun(2, root, tmp_path / "run3", "--steps", "8", "--every", "2", "--keep", "2")
-    ok(third)
-    assert f"refusing checkpoint {root / step_name(8)}" in third.stderr
-    assert f"{bad}: sha256" in third.stderr and "does not match the manifest" in third.stderr
-    for rep in reports(tmp_path / "run3"):
-        assert rep["resumed"]["step"] == 6
-        assert rep["resumed"]["rejected"][0]["step"] == 8
-        assert str(bad) in rep["resumed"]["rejected"][0]["problems"][0]
-    # The refused checkpoint is kept aside for inspection; step 8 was trained and saved again.
-    assert (root / "rejected" / step_name(8) / bad.name).read_bytes() == bytes(data)
-    assert (root / step_name(8) / MARKER).exists()
-    assert_same_state(torch.load(r["base"] / "run1" / "saved_6.pt"), torch.load(tmp_path / "run3" / "resumed_6.pt"))
-    # Same data, same restored RNG: steps 7 and 8 redo exactly what run 2 computed.
-    for before, again in zip(reports(r["base"] / "run2"), reports(tmp_path / "run3")):
-        assert again["losses"] == before["losses"]
+
+def test_two_workers_to_one_keeps_model_and_adam_moments(runs):
+    base, down = runs["base"], runs["down"]
+    ok(down)
+    (rep,) = reports(base / "down")
+    assert rep["resumed"]["universal"] is True
+    assert (rep["resumed"]["world_size_then"], rep["resumed"]["world_size_now"]) == (2, 1)
+    assert "world size changed: converting" in down.stderr
+    assert_same_state(torch.load(base / "kill" / "saved_6.pt"), torch.load(base / "down" / "resumed_6.pt"))
+
+
+def test_one_worker_to_two_keeps_model_and_adam_moments(runs):
+    root, base = runs["root"], runs["base"]
+    ok(runs["up"])
+    for rep in reports(base / "up"):
+        assert rep["resumed"]["step"] == 10 and rep["resumed"]["universal"] is True
+        assert (rep["resumed"]["world_size_then"], rep["resumed"]["world_size_now"]) == (1, 2)
+    assert_same_state(torch.load(base / "down" / "saved_10.pt"), torch.load(base / "up" / "resumed_10.pt"))
+    # keep=2: the universal form of a pruned checkpoint goes with it.
+    assert sorted(p.name for p in (root / UNIVERSAL).iterdir()) == [step_name(10)]
+    assert sorted(p.name for p in root.glob("step_*")) == [step_name(10), step_name(12)]
+
+
+def test_loss_keeps_falling_across_world_size_changes(runs):
+    for name in ("same", "down", "up"):
+        ok(runs[name])
+    same, (down,), up = (reports(runs["base"] / n) for n in ("same", "down", "up"))
+    same = same[0]
+    up = up[0]
+    # The same weights give the same loss whether loaded directly or through the universal form.
+    assert down["eval"]["6"] == same["eval"]["6"]
+    assert up["eval"]["10"] == down["eval"]["10"]
+    curve = [same["eval"]["6"], same["eval"]["8"], down["eval"]["10"], up["eval"]["12"]]
+    assert curve == sorted(curve, reverse=True) and len(set(curve)) == 4, curve
