@@ -195,7 +195,8 @@ class _LabelCollector:
 
 
 class _PlanWriter:
-    """Rows into a parquet file whose row groups are exactly one shard each."""
+    """Rows into a parquet file whose row groups are exactly one shard each. Rows come one by one
+    (``add``) or as arrow columns (``add_columns``); at most about one shard's rows are buffered."""
 
     def __init__(self, path: str, rows_per_group: int):
         import pyarrow as pa
@@ -205,6 +206,8 @@ class _PlanWriter:
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self.group = rows_per_group
         self.cols: tuple[list, list, list] = ([], [], [])
+        self.pending: list = []  # arrow tables not yet written
+        self.buffered = 0
         self.rows = 0
 
     def add(self, path: Optional[str], label: Optional[str], error: Optional[str]) -> None:
@@ -212,19 +215,44 @@ class _PlanWriter:
         self.cols[1].append(label)
         self.cols[2].append(error)
         if len(self.cols[0]) == self.group:
-            self._flush()
+            self._take_rows()
 
-    def _flush(self) -> None:
+    def add_columns(self, paths, labels, errors) -> None:
+        import pyarrow as pa
+
+        self._take_rows()
+        self._take(pa.table([paths, labels, errors], schema=self.schema))
+
+    def _take_rows(self) -> None:
         import pyarrow as pa
 
         if self.cols[0]:
-            table = pa.table(dict(zip(PLAN_COLUMNS, self.cols)), schema=self.schema)
-            self.writer.write_table(table, row_group_size=self.group)
-            self.rows += table.num_rows
+            self._take(pa.table(dict(zip(PLAN_COLUMNS, self.cols)), schema=self.schema))
             self.cols = ([], [], [])
 
+    def _take(self, table) -> None:
+        self.pending.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.group:
+            self._write(final=False)
+
+    def _write(self, final: bool) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.pending) if self.pending else None
+        self.pending, self.buffered = [], 0
+        if table is None:
+            return
+        whole = table.num_rows if final else table.num_rows - table.num_rows % self.group
+        if whole:
+            self.writer.write_table(table.slice(0, whole), row_group_size=self.group)
+            self.rows += whole
+        if whole < table.num_rows:
+            self.pending, self.buffered = [table.slice(whole)], table.num_rows - whole
+
     def close(self) -> int:
-        self._flush()
+        self._take_rows()
+        self._write(final=True)
         self.writer.close()
         return self.rows
 
@@ -253,11 +281,15 @@ def _open_text(source: str):
 
 def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWriter,
                 labels: _LabelCollector) -> None:
+    """Column-wise, batch by batch: no Python work per row, only per distinct label of a batch."""
     import fsspec
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
     cols = [shard.path_column, shard.label_column]
+    missing_label = pa.scalar("bad_label: missing label", pa.string())
+    no_text = pa.scalar(None, pa.string())
     with fsspec.open(source, "rb", compression="infer") as f:
         try:
             reader = pacsv.open_csv(
@@ -266,12 +298,12 @@ def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWr
                 convert_options=pacsv.ConvertOptions(include_columns=cols, strings_can_be_null=True,
                                                      column_types={c: pa.string() for c in cols}))
             for batch in reader:
-                for path, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    if label is None or label == "":
-                        writer.add(path, None, "bad_label: missing label")
-                    else:
-                        writer.add(path, label, None)
-                        labels.add_text(label)
+                paths, label_col = batch.column(0), batch.column(1)
+                missing = pc.fill_null(pc.equal(label_col, ""), True)
+                label_col = pc.if_else(missing, no_text, label_col)
+                writer.add_columns(paths, label_col, pc.if_else(missing, missing_label, no_text))
+                for name in pc.unique(label_col.drop_null()).to_pylist():
+                    labels.add_text(name)
         except (pa.ArrowInvalid, KeyError) as e:
             raise InputError(f"shard.source: cannot read {source} as CSV ({_columns_hint(shard)}): {e}") from None
 
@@ -346,7 +378,7 @@ def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
     labels = _LabelCollector(shard.label_column, source)
     if pa.types.is_integer(ltype) or pa.types.is_floating(ltype):
         kind = "int"
-        for batch in pf.iter_batches(batch_size=1 << 20, columns=[shard.label_column]):
+        for batch in pf.iter_batches(batch_size=1 << 18, columns=[shard.label_column]):
             col = batch.column(0)
             if pa.types.is_floating(ltype):
                 col = pc.filter(col, pc.equal(col, pc.floor(col)))
@@ -355,7 +387,7 @@ def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
                 labels.add_int(int(top))
     elif pa.types.is_string(ltype) or pa.types.is_large_string(ltype):
         kind = "str"
-        for batch in pf.iter_batches(batch_size=1 << 20, columns=[shard.label_column]):
+        for batch in pf.iter_batches(batch_size=1 << 18, columns=[shard.label_column]):
             col = batch.column(0)
             if pa.types.is_dictionary(col.type):
                 col = col.cast(ltype)

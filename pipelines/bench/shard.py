@@ -165,6 +165,7 @@ def make_index(path: str, rows: int, classes: int = 1000) -> None:
 
 def planning(root: str, rows: int) -> dict:
     """Plan a ``rows``-row parquet index in a fresh process; its peak RSS is the driver's planning memory."""
+    os.makedirs(root, exist_ok=True)
     index = os.path.join(root, f"index_{rows}.parquet")
     make_index(index, rows)
     out = os.path.join(root, "plan_out")
