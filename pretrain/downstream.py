@@ -15,6 +15,7 @@ is an ``InputError`` naming it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -119,8 +120,13 @@ def _minus_three(label: int) -> int:
     return label - 3
 
 
-def _digits(root: Path, part: str) -> Dataset:  # noqa: ARG001 - bundled with scikit-learn
+@functools.lru_cache(maxsize=1)
+def _digits_data() -> "DigitsDataset":
     return DigitsDataset()
+
+
+def _digits(root: Path, part: str) -> Dataset:  # noqa: ARG001 - bundled with scikit-learn; read-only, so shared
+    return _digits_data()
 
 
 class DigitsDataset(Dataset):

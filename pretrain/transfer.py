@@ -281,7 +281,7 @@ def run_probe(job: ProbeJob) -> dict:
         ds = load_dataset(job.dataset, split, model.cfg.img_size, job.data_root)
         feats[split] = features(model, ds, job.batch, mean, std)
     (f_tr, y_tr), (f_dev, y_dev), (f_te, y_te) = feats["train"], feats["dev"], feats["test"]
-    linear = linear_probe(f_tr, y_tr, f_dev, y_dev, f_te, y_te, spec.num_classes)
+    linear = linear_probe(f_tr, y_tr, f_dev, y_dev, f_te, y_te)
     fewshot = fewshot_from_features(torch.cat([f_tr, f_dev]), torch.cat([y_tr, y_dev]), f_te, y_te,
                                     job.shots, spec.num_classes, job.seed)
     return {"linear": linear["accuracy"], "linear_l2": linear["l2"], "linear_dev": linear["dev_accuracy"],

@@ -1,0 +1,343 @@
+"""``vitscale transfer``: the dataset x LR grid of the paper's transfer protocol as concurrent Ray work.
+
+What runs, per dataset in ``transfer.datasets`` and per model (the checkpoint, plus a randomly
+initialised model of the same config when ``transfer.compare_scratch``):
+
+- ``mode: finetune``: one fine-tuning run per LR of the grid on ``train``, scored on ``dev``; as soon as
+  a dataset's grid is in, the best LR on dev is retrained on ``train + dev`` and tested once on
+  ``test``. A grid of one LR (or a protocol that fixes it, VTAB's 0.01) goes straight to the final run.
+- always, whatever the mode: the linear probe and few-shot (``transfer.shots``) on frozen features,
+  which are cheap. ``mode: linear`` or ``fewshot`` skips fine-tuning; the report then shows only those.
+
+Every run is its own Ray task with its resources (``pretrain.cpus_per_worker`` CPUs, a GPU with
+``pretrain.use_gpu``); with ``transfer.workers > 1`` a task starts a Ray Train ``TorchTrainer`` of that
+many workers instead (the same DeepSpeed loop on each rank). All of them run at once, as far as the
+cluster's resources allow. MLflow: a nested run per (dataset, model, LR) and phase under the stage's run,
+which gets the summary metrics and the report (table, plot, results.json) as artifacts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pipelines.config import Config, flatten, to_dict
+from pipelines.tracking import stage_run, tracking_uri
+from pipelines.transfer_report import markdown_report, markdown_table, plot, row_label, write_json
+from pretrain.downstream import DatasetSpec, dataset_spec
+from pretrain.errors import InputError
+from pretrain.transfer import FinetuneJob, ProbeJob, resolve_checkpoint, run_finetune, run_probe, warmup_steps_for
+
+REPORT_DIR = "transfer"
+
+
+def report_dir(cfg: Config) -> Path:
+    return Path(cfg.workdir).expanduser() / REPORT_DIR
+
+
+# --------------------------------------------------------------------------- work on the cluster
+
+
+def _stamped(fn, *args) -> dict:
+    started = time.time()
+    out = fn(*args)
+    return {**out, "pid": os.getpid(), "started": started, "finished": time.time()}
+
+
+def _train_loop(config: dict) -> dict:
+    """Each Ray Train worker: the process group is up; the same fine-tuning as a single process."""
+    return run_finetune(config["job"])
+
+
+def finetune_cell(job: FinetuneJob, workers: int, cpus: int, use_gpu: bool, storage: str) -> dict:
+    """One fine-tuning run: in this task's process, or on a ``TorchTrainer`` of ``workers`` ranks."""
+    if workers == 1:
+        def progress(step: int, m: dict) -> None:
+            print(f"[transfer] {job.dataset} {job.init} lr={job.lr:g} step {step}/{job.steps} "
+                  f"loss {m['loss']:.4f}", flush=True)
+
+        return _stamped(run_finetune, job, progress)
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"transfer-{Path(job.dataset).name}-{job.init}-lr{job.lr:g}-{job.train_split}",
+                             storage_path=storage),
+    )
+    return _stamped(lambda: trainer.fit().return_value)
+
+
+def probe_cell(job: ProbeJob) -> dict:
+    return _stamped(run_probe, job)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+class NestedRuns:
+    """Nested MLflow runs under the stage's run (a no-op without one); the driver alone writes."""
+
+    def __init__(self, cfg: Config, parent_run_id: Optional[str]):
+        self.parent = parent_run_id
+        if parent_run_id:
+            import mlflow
+
+            self.client = mlflow.MlflowClient(tracking_uri(cfg.tracking, cfg.workdir))
+            self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+
+    def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> Optional[str]:
+        if not self.parent:
+            return None
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: name, **tags})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def log(self, run_id: Optional[str], metrics: dict[str, float], curve: Optional[list] = None) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        batch += [Metric("loss", float(loss), now, int(step)) for step, loss in (curve or [])]
+        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    def end(self, run_id: Optional[str], status: str = "FINISHED") -> None:
+        if run_id:
+            self.client.set_terminated(run_id, status)
+
+    def stage(self, metrics: dict[str, float], params: dict[str, Any], artifacts: list[Path]) -> None:
+        """Summary metrics, the transfer config and the report files on the stage's own run."""
+        if not self.parent:
+            return
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        existing = self.client.get_run(self.parent).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                              params=new)
+        for path in artifacts:
+            self.client.log_artifact(self.parent, str(path), artifact_path=REPORT_DIR)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def fingerprint(cfg: Config, export_dir: Path) -> str:
+    """What the report depends on: the transfer settings, the seed, the engine settings and the checkpoint."""
+    weights = (export_dir / "model.safetensors").stat()
+    data = {"transfer": to_dict(cfg.transfer), "seed": cfg.seed, "precision": cfg.pretrain.precision,
+            "zero_stage": cfg.pretrain.zero_stage, "export_config": (export_dir / "config.json").read_text(),
+            "weights": [weights.st_size, weights.st_mtime_ns]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def transfer_complete(cfg: Config) -> bool:
+    """True when ``{workdir}/transfer/results.json`` exists for these settings and this checkpoint."""
+    try:
+        export_dir = resolve_checkpoint(cfg.transfer.checkpoint, cfg.workdir)
+        done = json.loads((report_dir(cfg) / "results.json").read_text())
+        return done.get("fingerprint") == fingerprint(cfg, export_dir)
+    except (InputError, OSError, ValueError):
+        return False
+
+
+def _lr_grid(spec: DatasetSpec, lrs: list[float]) -> list[float]:
+    return [spec.lr] if spec.lr is not None else list(lrs)
+
+
+class Grid:
+    """The stage's Ray work in flight and what has come back."""
+
+    def __init__(self, cfg: Config, export_dir: Path, specs: dict[str, DatasetSpec], runs: NestedRuns):
+        import ray
+
+        self.ray, self.cfg, self.t, self.runs = ray, cfg, cfg.transfer, runs
+        self.export_dir, self.specs = str(export_dir), specs
+        p = cfg.pretrain
+        gpus = 1 if p.use_gpu else 0
+        storage = str(report_dir(cfg).resolve() / "ray_results")
+        if self.t.workers == 1:
+            self._finetune = ray.remote(finetune_cell).options(num_cpus=p.cpus_per_worker, num_gpus=gpus)
+        else:  # the task only drives a TorchTrainer, whose workers hold the resources
+            self._finetune = ray.remote(finetune_cell).options(num_cpus=0)
+        self._ft_args = (self.t.workers, p.cpus_per_worker, p.use_gpu, storage)
+        self._probe = ray.remote(probe_cell).options(num_cpus=p.cpus_per_worker, num_gpus=gpus)
+        self.pending: dict[Any, dict] = {}
+        self.dev: dict[tuple[str, str], dict[float, dict]] = {}
+        self.rows: dict[tuple[str, str], dict] = {}
+        self.timings: list[dict] = []
+
+    def _job(self, dataset: str, init: str, lr: float, final: bool) -> FinetuneJob:
+        spec, t, p = self.specs[dataset], self.t, self.cfg.pretrain
+        steps = t.steps or spec.steps
+        return FinetuneJob(
+            dataset=dataset, data_root=t.data_root, export_dir=self.export_dir, init=init, lr=lr, steps=steps,
+            warmup_steps=warmup_steps_for(steps, t.warmup_steps), batch=t.batch, img_size=t.img_size,
+            train_split="trainval" if final else "train", eval_split="test" if final else "dev",
+            seed=self.cfg.seed, precision=p.precision, zero_stage=p.zero_stage, use_gpu=p.use_gpu,
+            loader_workers=0 if spec.in_memory else p.loader_workers, log_every=max(1, min(50, steps // 10)))
+
+    def submit_finetune(self, dataset: str, init: str, lr: float, final: bool) -> None:
+        job = self._job(dataset, init, lr, final)
+        phase = "final" if final else "dev"
+        name = f"{Path(dataset).name}-{init}-lr{lr:g}-{phase}"
+        run_id = self.runs.start(name, {"vitscale.stage": "transfer", "vitscale.dataset": dataset,
+                                        "vitscale.init": init, "vitscale.lr": f"{lr:g}", "vitscale.phase": phase},
+                                 {k: v for k, v in dataclasses.asdict(job).items() if k != "data_root"})
+        ref = self._finetune.remote(job, *self._ft_args)
+        self.pending[ref] = {"kind": phase, "dataset": dataset, "init": init, "lr": lr, "run_id": run_id}
+
+    def submit_probe(self, dataset: str, init: str) -> None:
+        job = ProbeJob(dataset, self.t.data_root, self.export_dir, init, tuple(self.t.shots), self.cfg.seed)
+        ref = self._probe.remote(job)
+        self.pending[ref] = {"kind": "probe", "dataset": dataset, "init": init, "lr": None, "run_id": None}
+
+    def start(self, inits: list[str]) -> None:
+        for dataset, spec in self.specs.items():
+            for init in inits:
+                self.rows[(dataset, init)] = {"dataset": dataset, "init": init, "num_classes": spec.num_classes,
+                                              "steps": self.t.steps or spec.steps, "finetune": None, "lr": None}
+                self.submit_probe(dataset, init)
+                if self.t.mode != "finetune":
+                    continue
+                grid = _lr_grid(spec, self.t.lrs)
+                if len(grid) == 1:
+                    self.submit_finetune(dataset, init, grid[0], final=True)
+                    continue
+                self.dev[(dataset, init)] = {}
+                for lr in grid:
+                    self.submit_finetune(dataset, init, lr, final=False)
+
+    def _take(self, info: dict, result: dict) -> None:
+        key = (info["dataset"], info["init"])
+        row = self.rows[key]
+        label = row_label(*key)
+        if info["kind"] == "probe":
+            row.update(linear=result["linear"], fewshot=result["fewshot"], linear_l2=result["linear_l2"])
+            shots = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["fewshot"].items())
+            print(f"[transfer] {label}: linear {100 * result['linear']:.2f} %, few-shot {shots}", flush=True)
+            return
+        metric = "dev_accuracy" if info["kind"] == "dev" else "test_accuracy"
+        self.runs.log(info["run_id"], {metric: result["accuracy"], "seconds": result["seconds"]}, result["loss_curve"])
+        self.runs.end(info["run_id"])
+        print(f"[transfer] {label} lr={info['lr']:g} {info['kind']}: {metric} {100 * result['accuracy']:.2f} % "
+              f"({result['seconds']:.0f} s)", flush=True)
+        if info["kind"] == "final":
+            row.update(finetune=result["accuracy"], lr=info["lr"], final_loss=result["loss"])
+            return
+        scores = self.dev[key]
+        scores[info["lr"]] = result
+        grid = _lr_grid(self.specs[info["dataset"]], self.t.lrs)
+        if len(scores) == len(grid):
+            best = max(grid, key=lambda lr: scores[lr]["accuracy"])  # first in grid order on ties
+            row["dev"] = {f"{lr:g}": scores[lr]["accuracy"] for lr in grid}
+            self.submit_finetune(info["dataset"], info["init"], best, final=True)
+
+    def wait_all(self) -> list[dict]:
+        """Collect results as they come; the first failure cancels the rest and is raised."""
+        try:
+            while self.pending:
+                ready, _ = self.ray.wait(list(self.pending), num_returns=1)
+                info = self.pending.pop(ready[0])
+                try:
+                    result = self.ray.get(ready[0])
+                except BaseException:
+                    self.runs.end(info["run_id"], "FAILED")
+                    raise
+                self.timings.append({k: info[k] for k in ("kind", "dataset", "init", "lr")} |
+                                    {k: result[k] for k in ("pid", "started", "finished")})
+                self._take(info, result)
+        except BaseException:
+            for ref, info in self.pending.items():
+                self.ray.cancel(ref, force=True)
+                self.runs.end(info["run_id"], "KILLED")
+            raise
+        return [self.rows[k] for k in self.rows]
+
+
+def _summary_metrics(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for r in rows:
+        prefix = f"{Path(r['dataset']).name}{'' if r['init'] == 'pretrained' else '_scratch'}"
+        if r.get("finetune") is not None:
+            out[f"{prefix}/finetune"] = r["finetune"]
+        if r.get("linear") is not None:
+            out[f"{prefix}/linear"] = r["linear"]
+        for k, v in r.get("fewshot", {}).items():
+            out[f"{prefix}/{k}"] = v
+    return out
+
+
+def check_inputs(cfg: Config) -> tuple[dict[str, DatasetSpec], Path, Any]:
+    """The datasets' specs, the checkpoint directory and its ViTConfig; ``InputError`` naming the
+    missing folder, file or key otherwise. Cheap: nothing is loaded."""
+    from pretrain.convert import read_export_config
+
+    t = cfg.transfer
+    specs = {name: dataset_spec(name, t.data_root) for name in t.datasets}
+    export_dir = resolve_checkpoint(t.checkpoint, cfg.workdir)
+    vit = read_export_config(export_dir)
+    if t.img_size % vit.patch:
+        raise InputError(f"transfer.img_size: {t.img_size} is not a multiple of the checkpoint's patch {vit.patch}")
+    return specs, export_dir, vit
+
+
+def run_transfer(cfg: Config, run_id: Optional[str] = None) -> dict:
+    """Run the transfer grid for ``cfg.transfer`` and write ``{workdir}/transfer/{report.md,plot.png,results.json}``.
+
+    Logs nested runs and the report to MLflow run ``run_id`` when given. Returns ``{"report", "plot",
+    "results", "table", "rows", "timings"}``: paths, the markdown table, one dict per table row
+    (``dataset``, ``init``, ``finetune``, ``lr``, ``dev``, ``linear``, ``fewshot``, ...) and when and
+    where each Ray task ran. Bad input (a missing dataset folder or checkpoint) raises ``InputError``
+    before any work starts.
+    """
+    from pipelines.cluster import ensure_ray
+
+    t = cfg.transfer
+    specs, export_dir, vit = check_inputs(cfg)
+    ensure_ray(cfg.ray)
+    runs = NestedRuns(cfg, run_id)
+    grid = Grid(cfg, export_dir, specs, runs)
+    grid.start(["pretrained", "scratch"] if t.compare_scratch else ["pretrained"])
+    rows = grid.wait_all()
+
+    out = report_dir(cfg)
+    shots = list(t.shots)
+    meta = {"name": cfg.name, "export_dir": str(export_dir), "img_size": t.img_size, "batch": t.batch,
+            "variant": f"ViT width {vit.width}, depth {vit.depth}, heads {vit.heads}, patch {vit.patch}",
+            "pretrain_size": vit.img_size}
+    report = out / "report.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(markdown_report(rows, shots, meta))
+    png = plot(rows, shots, out / "plot.png")
+    results = write_json(out / "results.json", {
+        "fingerprint": fingerprint(cfg, export_dir), "meta": meta, "transfer": to_dict(t), "rows": rows,
+        "timings": grid.timings})
+    runs.stage(_summary_metrics(rows), flatten(t, "transfer."), [report, png, results])
+    return {"report": str(report), "plot": str(png), "results": str(results), "table": markdown_table(rows, shots),
+            "rows": rows, "timings": grid.timings}
+
+
+def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
+    """``vitscale transfer CONFIG``: the stage in its own MLflow run; prints the table and where the report is."""
+    check_inputs(cfg)  # bad input exits 2 before an MLflow run or Ray starts
+    with stage_run(cfg, "transfer") as run_id:
+        result = run_transfer(cfg, run_id=run_id)
+    print(result["table"], flush=True)
+    print(f"[vitscale] transfer: report {result['report']}, plot {result['plot']}, MLflow run {run_id}", flush=True)
+    return 0
