@@ -30,6 +30,9 @@ JOB_CONFIG = "vitscale_job.yaml"
 STAGES = ("run", "shard", "pretrain", "transfer")
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 CREDENTIAL_PREFIXES = ("AWS_",)
+# AWS_* variables that point into the submitter's own files: meaningless (or harmful) on the cluster.
+LOCAL_ONLY = ("AWS_CA_BUNDLE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+              "AWS_PROFILE")
 # Never shipped: environments, outputs, VCS state, caches. Matched against each path component.
 EXCLUDE = (".venv", "venv", "runs", ".git", "__pycache__", ".pytest_cache", "mlruns", "mlartifacts",
            "*.egg-info", "build", "dist", ".ipynb_checkpoints", "*.pyc", "*.tar", "*.safetensors", "*.pt")
@@ -42,9 +45,10 @@ STOP_WAIT_S = 60.0  # Ray sends SIGTERM, then SIGKILL after its own grace period
 
 
 def credentials_from_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The credential variables set (and non-empty) in ``environ``: MLflow auth and ``AWS_*``."""
+    """The credential variables set (and non-empty) in ``environ``: MLflow auth and ``AWS_*``
+    (without those that name local files or profiles)."""
     return {k: v for k, v in environ.items()
-            if v and (k in CREDENTIAL_VARS or k.startswith(CREDENTIAL_PREFIXES))}
+            if v and k not in LOCAL_ONLY and (k in CREDENTIAL_VARS or k.startswith(CREDENTIAL_PREFIXES))}
 
 
 def job_config(cfg: Config) -> Config:
@@ -182,6 +186,9 @@ def submit_main(cfg: Config, args) -> int:
     if "://" not in cfg.workdir and not Path(cfg.workdir).is_absolute():
         print(f"warning: workdir {cfg.workdir!r} is relative: on the cluster it lands inside the job's "
               "temporary directory; use a shared absolute path or s3://...", file=sys.stderr)
+    if cfg.tracking.uri is None:
+        print("warning: tracking.uri is null: MLflow writes a sqlite file into the workdir on the cluster; "
+              "set it to your MLflow server (infra/mlflow)", file=sys.stderr)
     env = credentials_from_env(os.environ)
     submission_id = f"vitscale-{cfg.name}-{stage}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="vitscale-submit-") as tmp:

@@ -246,6 +246,19 @@ def test_unreachable_address_exits_2(tmp_path, capsys):
     assert "dashboard address" in capsys.readouterr().err
 
 
+def test_silent_address_exits_2_after_the_timeout(monkeypatch, capsys):
+    """A server that takes the connection and never answers (a dropped route, a hung head) must not
+    hang the command: the reachability check gives up after CONNECT_TIMEOUT_S."""
+    monkeypatch.setattr("pipelines.submit.CONNECT_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes handshakes; nobody ever reads or answers
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        assert cli.main(["jobs", "list", "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray dashboard" in err and address in err and "Timeout" in err
+
+
 def test_jobs_without_address_exits_2(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cli.main(["jobs", "list"]) == 2
@@ -271,6 +284,7 @@ def test_staged_dir_and_credentials(tmp_path):
     assert shipped.ray.address == "auto" and shipped.workdir == "/shared/w"
 
     env = {"AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "u", "MLFLOW_TRACKING_TOKEN": "t",
-           "MLFLOW_TRACKING_URI": "http://x", "HOME": "/root", "AWS_SESSION_TOKEN": ""}
+           "MLFLOW_TRACKING_URI": "http://x", "HOME": "/root", "AWS_SESSION_TOKEN": "",
+           "AWS_CA_BUNDLE": "/etc/ssl/cert.pem", "AWS_PROFILE": "dev"}
     assert credentials_from_env(env) == {"AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "u",
                                          "MLFLOW_TRACKING_TOKEN": "t"}
