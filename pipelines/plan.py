@@ -10,7 +10,9 @@ Formulas:
   1 4P + 12P/N, 2 2P + 14P/N, 3 16P/N bytes, N = data-parallel ranks
 - activations per block, 16-bit, fused (SDPA) attention, no dropout: tokens x micro-batch x (18 x width
   + 4 x mlp) bytes: LayerNorm inputs, qkv in/out, attention output and its copy, fc1 in/out, GELU out
-  (Korthikanti et al. 2022, without the attention-score terms that flash attention does not store)
+  (Korthikanti et al. 2022, without the attention-score terms that flash attention does not store).
+  Checked on an H200 (torch 2.11, bf16 weights): after the forward pass autograd held 0.95x this
+  figure for ViT-L/16 and B/16, so the estimate errs a little high.
 """
 from __future__ import annotations
 
