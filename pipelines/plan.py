@@ -219,6 +219,29 @@ def measured_loader_rate(directory: Path) -> Optional[tuple[float, str]]:
     return float(record["images_per_s_per_core"]), f"measured ({path})"
 
 
+def record_mfu(variant: str, gpu: str, mfu: float, directory: Optional[Path] = None, **extra) -> Path:
+    """For the train benchmark: keep its MFU for ``variant`` on the GPU model named ``gpu`` (e.g.
+    torch.cuda.get_device_name()), replacing an earlier record of the same pair."""
+    directory = directory or measured_dir()
+    path = directory / "train.json"
+    records = _read(path) or []
+    records = [r for r in (records if isinstance(records, list) else [records])
+               if (r.get("variant"), r.get("gpu")) != (variant, gpu)]
+    records.append({"variant": variant, "gpu": gpu, "mfu": float(mfu), **extra})
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return path
+
+
+def record_loader_rate(images_per_s_per_core: float, directory: Optional[Path] = None, **extra) -> Path:
+    """For the loader benchmark: keep its images/s per core for the plan's CPU count."""
+    directory = directory or measured_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "loader.json"
+    path.write_text(json.dumps({"images_per_s_per_core": float(images_per_s_per_core), **extra}, indent=1) + "\n")
+    return path
+
+
 # --------------------------------------------------------------------------- report
 
 

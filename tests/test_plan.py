@@ -7,7 +7,7 @@ import pytest
 
 from pipelines import cli
 from pipelines.config import load_config, replace
-from pipelines.plan import make_plan
+from pipelines.plan import make_plan, record_loader_rate, record_mfu
 
 IMAGES = 300_000_000
 NODES, GPUS_PER_NODE = 32, 8
@@ -110,12 +110,12 @@ def test_cli_says_assumed_or_measured(no_measurements, capsys):
     assert "MFU 40% (assumed)" in out and "images/s per core (assumed)" in out
     assert "30,000 of 10,000 samples" in out
 
-    no_measurements.mkdir()
-    (no_measurements / "train.json").write_text(json.dumps([
-        {"variant": "L/16", "gpu": "NVIDIA H100 80GB HBM3", "mfu": 0.5},
-        {"variant": "B/16", "gpu": "NVIDIA H100 80GB HBM3", "mfu": 0.6},
-    ]))
-    (no_measurements / "loader.json").write_text(json.dumps({"images_per_s_per_core": 700.0}))
+    record_mfu("L/16", "NVIDIA H100 80GB HBM3", 0.45)
+    record_mfu("L/16", "NVIDIA H100 80GB HBM3", 0.5)  # replaces the first
+    record_mfu("B/16", "NVIDIA H100 80GB HBM3", 0.6)
+    record_mfu("L/16", "NVIDIA A100-SXM4-80GB", 0.55)
+    record_loader_rate(700.0, command="vitscale bench loader")
+    assert len(json.loads((no_measurements / "train.json").read_text())) == 3
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     expected = make_plan(load_config("vit_l16_jft"), IMAGES, 32, 8, "h100", 0.5, 1, 700.0)
