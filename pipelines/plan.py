@@ -79,7 +79,7 @@ def jpeg_bytes(image_size: int, quality: int, resize_mode: str) -> float:
 
 
 def _model(cfg: Config):
-    """The ViT of the config (on the meta device: shapes only, no memory) and its classes source."""
+    """The ViT config and model of ``cfg`` (on the meta device: shapes only, no memory)."""
     import torch
 
     from pretrain.model import ViT, ViTConfig
