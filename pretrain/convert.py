@@ -218,9 +218,9 @@ def save_safetensors(
 
 
 def read_export_config(path: Union[str, Path]) -> ViTConfig:
-    """The ``ViTConfig`` recorded in an export's ``config.json`` (the ``vitscale`` section)."""
+    """The ``ViTConfig`` recorded in an export (its directory or its ``config.json``, ``vitscale`` section)."""
     file = Path(path)
-    file = file / CONFIG_FILE if file.is_dir() else file
+    file = file if file.suffix == ".json" else file / CONFIG_FILE
     if not file.is_file():
         raise InputError(f"{file}: export config not found")
     try:
