@@ -89,7 +89,7 @@ def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
         driver.set_tags({"vitscale.pretrain.nodes": ",".join(result["nodes"]),
                          "vitscale.pretrain.step": result["step"]})
     finally:
-        driver.close()
+        driver.close(timeout_s=10.0)  # the params went out long ago; only the final tags may wait
     return result
 
 

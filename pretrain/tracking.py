@@ -30,6 +30,7 @@ class Tracker:
         self.dropped = 0
         self._down = False
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._abort = threading.Event()
         self._thread: Optional[threading.Thread] = None
         if not self.enabled:
             return
@@ -77,16 +78,22 @@ class Tracker:
                 self._put(lambda c, k=k, v=v: c.set_tag(self.run_id, k, str(v)))
 
     def close(self, timeout_s: Optional[float] = None) -> None:
-        """Flush what is queued, waiting at most ``timeout_s`` (default: ``retry_s`` + 10 s)."""
+        """Flush what is queued, waiting at most ``timeout_s`` (default ``retry_s`` + 10 s); while the
+        server is known to be down, drop the rest at once instead."""
         if self._thread is None:
             return
         try:
             self._queue.put(_STOP, timeout=1.0)
         except queue.Full:
-            pass
+            self._abort.set()
+        if self._down:
+            self._abort.set()
         self._thread.join(self.retry_s + 10.0 if timeout_s is None else timeout_s)
         if self._thread.is_alive():
-            log.warning("MLflow tracker: gave up flushing (%d items dropped so far)", self.dropped)
+            self._abort.set()
+            log.warning("MLflow tracker: gave up flushing; the rest of the queue is dropped")
+        if self.dropped:
+            log.warning("MLflow tracker: %d logging calls dropped while the server was unreachable", self.dropped)
         self._thread = None
 
     # ------------------------------------------------------------------ background thread
@@ -102,6 +109,9 @@ class Tracker:
             op = self._queue.get()
             if op is _STOP:
                 return
+            if self._abort.is_set():
+                self.dropped += 1
+                continue
             self._run(op)
 
     def _run(self, op: Callable) -> None:
@@ -116,10 +126,9 @@ class Tracker:
                     self._down = True
                     log.warning("MLflow tracking unreachable (%s: %s); training goes on, retrying for up "
                                 "to %.0f s", type(e).__name__, str(e)[:200], self.retry_s)
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or self._abort.wait(delay):
                     self.dropped += 1
                     return
-                time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             if self._down:

@@ -1,0 +1,123 @@
+"""The engine's pure parts, in-process: FLOP counts, MFU, parameter groups, the DeepSpeed config, the
+launcher seam. The multi-process training itself is in test_train_job.py."""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from pipelines.config import load_config, replace, to_dict
+from pretrain.engine import _merge, deepspeed_config, grad_accum_steps, param_groups, vit_config
+from pretrain.errors import InputError
+from pretrain.launch import Section, read_spec
+from pretrain.loop import _check_finite
+from pretrain.metrics import PEAK_TFLOPS, Meter, detect_peak_tflops, train_flops_per_image
+from pretrain.model import ViT, ViTConfig, macs_per_image
+
+
+def test_vit_b16_flops_match_published_17_6_gmacs():
+    b16 = ViTConfig.from_variant("B/16", num_classes=1000, img_size=224)
+    assert macs_per_image(b16) == pytest.approx(17.6e9, rel=0.01)
+    # 2 FLOPs per MAC; forward + backward = 3 forwards; recomputing activations adds one forward.
+    assert train_flops_per_image(b16) == 6 * macs_per_image(b16)
+    assert train_flops_per_image(b16, act_checkpoint=True) == 8 * macs_per_image(b16)
+
+
+def test_meter_mfu_is_achieved_tflops_over_the_peak():
+    meter = Meter(flops_per_image=1e12, world_size=4, peak_tflops=989.0)
+    meter.add(images=400, data_s=0.0)
+    out = meter.report()
+    assert out["tflops_per_device"] == pytest.approx(out["img_per_s"] * 1e12 / 4 / 1e12)
+    assert out["mfu"] == pytest.approx(out["tflops_per_device"] / 989.0)
+    assert 0.0 <= out["data_wait_frac"] <= 1.0
+    assert "mfu" not in Meter(1e9, 1, None).report()  # no peak known (the CPU): no MFU
+    assert detect_peak_tflops("cpu") is None
+    assert PEAK_TFLOPS["H100"] == PEAK_TFLOPS["H200"] == 989.0 and PEAK_TFLOPS["A100"] == 312.0
+
+
+def test_weight_decay_skips_biases_norms_pos_embed_and_cls_token():
+    model = ViT(ViTConfig.from_variant("mu/4", num_classes=5, img_size=16))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight",
+            "blocks.0.attn.qkv.bias", "head.bias", "patch_embed.bias"} <= skipped
+    assert {"patch_embed.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "head.weight"} <= decayed
+    assert all(n.endswith("weight") and "norm" not in n for n in decayed)
+    assert len(skipped) + len(decayed) == len(names)
+
+
+def _pretrain(**overrides):
+    return replace(load_config("local"), **{f"pretrain.{k}": v for k, v in overrides.items()}).pretrain
+
+
+def test_deepspeed_config_from_ours():
+    p = _pretrain(global_batch=64, micro_batch=8, workers=2, zero_stage=3, precision="bf16",
+                  schedule="linear", warmup_steps=5, steps=50, grad_clip=0.5, lr=0.002, weight_decay=0.05)
+    ds = deepspeed_config(p, world_size=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.999] and ds["optimizer"]["params"]["weight_decay"] == 0.05
+    assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": 50, "warmup_num_steps": 5, "warmup_min_lr": 0.0, "warmup_max_lr": 0.002,
+        "warmup_type": "linear"}}
+    # Under another launcher the world size actually running decides the accumulation.
+    assert deepspeed_config(p, world_size=8)["gradient_accumulation_steps"] == 1
+    with pytest.raises(InputError, match="pretrain.global_batch"):
+        grad_accum_steps(p, world_size=3)
+
+    cos = deepspeed_config(_pretrain(schedule="cosine", precision="fp32", warmup_steps=0), world_size=2)
+    assert cos["scheduler"]["type"] == "WarmupCosineLR" and cos["scheduler"]["params"]["warmup_num_steps"] == 1
+    assert not cos["bf16"]["enabled"] and not cos["fp16"]["enabled"]
+
+
+def test_raw_deepspeed_keys_are_merged_last_and_deep():
+    raw = {"zero_optimization": {"stage": 1, "overlap_comm": False}, "gradient_clipping": 0.25,
+           "optimizer": {"params": {"eps": 1e-6}}}
+    ds = deepspeed_config(_pretrain(zero_stage=3, deepspeed=raw), world_size=2)
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": False}
+    assert ds["gradient_clipping"] == 0.25
+    assert ds["optimizer"]["params"]["eps"] == 1e-6 and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert _merge({"a": {"b": 1}}, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+
+
+def test_non_finite_loss_names_the_step():
+    _check_finite(torch.tensor(1.5), 3)
+    with pytest.raises(FloatingPointError, match="at step 7"):
+        _check_finite(torch.tensor(float("nan")), 7)
+    with pytest.raises(FloatingPointError, match="inf at step 9"):
+        _check_finite(torch.tensor(math.inf), 9)
+
+
+def test_launch_reads_the_resolved_config_and_names_missing_keys(tmp_path, monkeypatch):
+    import yaml
+
+    cfg = replace(load_config("local"), **{"model.variant": "mu/4", "model.img_size": 16})
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
+    spec = read_spec(str(path), tracking_uri="sqlite:///x.db")
+    assert (spec["run_id"], spec["tracking_uri"]) == ("abc", "sqlite:///x.db")
+    section = Section(spec["config"], source=str(path))
+    # The worker side rebuilds exactly what the typed config describes.
+    assert vit_config(section.model, 7) == vit_config(cfg.model, 7)
+    assert section.pretrain.deepspeed == {} and section.pretrain.augment.crop == cfg.pretrain.augment.crop
+    partial = Section({"pretrain": {"lr": 0.1}}, source="mine.yaml")
+    with pytest.raises(InputError, match="mine.yaml: pretrain.micro_batch: missing"):
+        partial.pretrain.micro_batch
+    with pytest.raises(InputError, match="not found"):
+        read_spec(str(tmp_path / "nope.yaml"))
+
+
+def test_deepspeed_config_accepts_duck_typed_slices():
+    p = types.SimpleNamespace(global_batch=8, micro_batch=4, steps=3, lr=0.1, betas=(0.9, 0.95), weight_decay=0.0,
+                              warmup_steps=1, schedule="cosine", grad_clip=1.0, precision="fp32", zero_stage=0,
+                              use_gpu=True, deepspeed={})
+    ds = deepspeed_config(p, world_size=1)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["optimizer"]["params"]["fused"] is True

@@ -1,0 +1,135 @@
+"""MLflow from training: a real ``mlflow server`` on 127.0.0.1 gets exactly one run with params, the
+config artifact and rank 0's metrics; killing it mid-run does not stop training. The run is ZeRO-3
+with few-shot evaluation on real digits, beside a ``torchrun`` twin that must give the same curve."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import flatten, replace
+from pipelines.tracking import experiment_id
+from pipelines.train_job import run_pretrain
+from pretrain.tracking import Tracker
+from test_train_job import check_trained, logged, run_twins, train_config, write_shards
+
+STEPS = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` with a sqlite store on a free port; yields (uri, process)."""
+    port = _free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    log = (tmp_path / "mlflow-server.log").open("w")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "mlflow server did not answer /health"
+        time.sleep(0.5)
+    yield uri, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group we started: the server and its worker
+        proc.wait()
+
+
+@pytest.mark.timeout(500)
+def test_one_run_gets_params_artifact_metrics_and_a_dead_server_does_not_stop_training(
+        mlflow_server, ray_local, tmp_path):
+    import mlflow
+
+    uri, server = mlflow_server
+    shards = write_shards(tmp_path / "shards")
+    fewshot = {"steps": STEPS, "fewshot": {"datasets": ["digits"], "shots": [1, 5], "every": STEPS // 2}}
+    cfg_ray = replace(train_config(tmp_path / "ray", shards, stage=3, **fewshot),
+                      **{"tracking.uri": uri, "tracking.experiment": "server-test"})
+    cfg_torchrun = train_config(tmp_path / "torchrun", shards, stage=3, **fewshot)
+    client = mlflow.MlflowClient(uri)
+    exp = experiment_id(client, cfg_ray.tracking, cfg_ray.workdir)
+    run_id = client.create_run(exp).info.run_id
+    seen: dict = {}
+
+    def train_and_kill_the_server(cfg):
+        out: dict = {}
+        worker = threading.Thread(target=lambda: out.update(_call(run_pretrain, cfg, run_id)))
+        worker.start()
+        while worker.is_alive():
+            losses = client.get_metric_history(run_id, "loss")
+            if losses:  # metrics flow: look at the run, then pull the plug
+                seen["runs"] = client.search_runs([exp])
+                seen["artifacts"] = [f.path for f in client.list_artifacts(run_id)]
+                seen["losses"] = len(losses)
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+                break
+            time.sleep(0.2)
+        worker.join()
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+    result = run_twins(cfg_ray, cfg_torchrun, train_and_kill_the_server, tmp_path / "torchrun.log")
+
+    assert "runs" in seen, "training ended before its first metric reached the server"
+    assert [r.info.run_id for r in seen["runs"]] == [run_id]  # one run per job, not one per rank
+    params = seen["runs"][0].data.params
+    assert params["pretrain.zero_stage"] == "3" and len(params) == len(flatten(cfg_ray))
+    assert "config.resolved.yaml" in seen["artifacts"]
+    assert 1 <= seen["losses"] < STEPS  # killed mid-run ...
+    check_trained(cfg_ray, cfg_torchrun, result)  # ... and training went on to the end
+    shots = [r for r in logged(cfg_ray.workdir) if "fewshot_digits_5shot" in r]
+    assert [r["step"] for r in shots] == [STEPS // 2, STEPS]
+    assert all(0.0 <= r[k] <= 1.0 for r in shots for k in ("fewshot_digits_1shot", "fewshot_digits_5shot"))
+    assert shots == [r for r in logged(cfg_torchrun.workdir) if "fewshot_digits_5shot" in r]
+
+
+def _call(fn, *args) -> dict:
+    try:
+        return {"result": fn(*args)}
+    except Exception as e:  # noqa: BLE001 - handed back to the test thread
+        return {"error": e}
+
+
+def test_unreachable_server_warns_and_never_blocks(monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = Tracker(f"http://127.0.0.1:{_free_port()}", "0" * 32, rank=0, retry_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        for step in range(50):
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)  # queued: returns at once
+        tracker.log_params({"a": 1})
+        tracker.close()
+    assert tracker.dropped >= 1
+    assert "MLflow tracking unreachable" in caplog.text
+    # Only rank 0 with a run logs; elsewhere every call is a no-op without a thread.
+    for quiet in (Tracker("http://127.0.0.1:1", "x", rank=1), Tracker(None, None, rank=0)):
+        quiet.log_metrics({"loss": 1.0}, 0)
+        quiet.close()
+        assert not quiet.enabled and quiet.dropped == 0
