@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``vitscale bench model [CASES...] [--batch N] ...``."""
     opts = build_parser().parse_args(args.rest)
+    configs = [(case, parse_case(case)) for case in opts.cases]  # bad input stops before any work
     try:
         import timm  # noqa: PLC0415, F401
     except ModuleNotFoundError:
@@ -108,8 +109,7 @@ def main(args: argparse.Namespace) -> int:
           f"{opts.precision} autocast on the CPU, batch {opts.batch}, forward+backward, "
           f"{opts.warmup} warmup + {opts.rounds} timed iterations per model (median)")
     print(f"{'case':<14}{'ours img/s':>12}{'timm img/s':>12}{'ours/timm':>11}")
-    for case in opts.cases:
-        cfg = parse_case(case)
+    for case, cfg in configs:
         ours, theirs = measure(cfg, opts.batch, opts.warmup, opts.rounds, dtype)
         res = Result(case, ours, theirs)
         print(f"{case:<14}{res.ours:>12.2f}{res.timm:>12.2f}{res.ratio:>10.2f}x", flush=True)
