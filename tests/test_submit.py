@@ -169,7 +169,8 @@ def _config(tmp_path: Path) -> Path:
     data = {
         "name": "subtest",
         "workdir": str(tmp_path / "work"),
-        "shard": {"source": str(_image_folder(tmp_path / "images")), "samples_per_shard": 4, "image_size": 32},
+        # 8 images in one shard: one Ray task, one worker process to start
+        "shard": {"source": str(_image_folder(tmp_path / "images")), "samples_per_shard": 8, "image_size": 32},
         "model": {"variant": "mu/4", "img_size": 32},
         "transfer": {"img_size": 32, "datasets": ["digits"]},
     }
