@@ -75,15 +75,36 @@ def _from_timm_key(key: str) -> str:
     return key
 
 
-def _expected_shapes(config: ViTConfig) -> dict[str, torch.Size]:
-    """Our parameter names and shapes for ``config``; a meta-device model costs no memory or time."""
-    with torch.device("meta"):
-        model = ViT(config)
-    return {k: v.shape for k, v in model.state_dict().items()}
+def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Our state-dict names and shapes for ``config``, without building a model (a test checks them
+    against ``ViT(config).state_dict()``)."""
+    D, M, C, P = config.width, config.mlp, config.in_chans, config.patch
+    shapes: dict[str, tuple[int, ...]] = {"patch_embed.weight": (D, C, P, P), "patch_embed.bias": (D,)}
+    if config.pool == "cls":
+        shapes["cls_token"] = (1, 1, D)
+    shapes["pos_embed"] = (1, config.num_tokens, D)
+    block = {
+        "norm1.weight": (D,), "norm1.bias": (D,),
+        "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+        "attn.proj.weight": (D, D), "attn.proj.bias": (D,),
+        "norm2.weight": (D,), "norm2.bias": (D,),
+        "mlp.fc1.weight": (M, D), "mlp.fc1.bias": (M,),
+        "mlp.fc2.weight": (D, M), "mlp.fc2.bias": (D,),
+    }
+    for i in range(config.depth):
+        shapes.update({f"blocks.{i}.{k}": v for k, v in block.items()})
+    shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
+    features = D
+    if config.representation_size:
+        features = config.representation_size
+        shapes.update({"pre_logits.weight": (features, D), "pre_logits.bias": (features,)})
+    if config.num_classes:
+        shapes.update({"head.weight": (config.num_classes, features), "head.bias": (config.num_classes,)})
+    return shapes
 
 
 def _check_against(state: Mapping[str, torch.Tensor], config: ViTConfig, what: str) -> None:
-    expected = _expected_shapes(config)
+    expected = expected_shapes(config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -92,7 +113,7 @@ def _check_against(state: Mapping[str, torch.Tensor], config: ViTConfig, what: s
             f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
         )
     for key, shape in expected.items():
-        if state[key].shape != shape:
+        if tuple(state[key].shape) != shape:
             raise InputError(f"{what}: {key} has shape {tuple(state[key].shape)}, the config needs {tuple(shape)}")
 
 
@@ -262,6 +283,7 @@ __all__ = [
     "to_timm",
     "timm_model_args",
     "timm_architecture",
+    "expected_shapes",
     "save_safetensors",
     "load_safetensors",
     "read_export_config",

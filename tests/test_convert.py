@@ -15,6 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from pretrain.convert import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    expected_shapes,
     from_timm,
     load_safetensors,
     save_safetensors,
@@ -86,6 +87,15 @@ def test_timm_parity_l16_small_input():
 @pytest.mark.parametrize("timm_name,variant", [("vit_large_patch16_224", "L/16"), ("vit_huge_patch14_224", "H/14")])
 def test_timm_parity_large_models_224(timm_name, variant):
     _assert_parity(timm_name, variant, 224, batch=1)
+
+
+@pytest.mark.parametrize("variant,kw", [
+    ("mu/4", dict()), ("mu/4", dict(pool="gap")), ("mu/4", dict(num_classes=0)),
+    ("mu/4", dict(representation_size=24)), ("mu/8", dict(img_size=24, in_chans=1)),
+])
+def test_expected_shapes_are_the_models(variant, kw):
+    cfg = ViTConfig.from_variant(variant, **{"img_size": 16, **kw})
+    assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in ViT(cfg).state_dict().items()}
 
 
 @pytest.mark.parametrize("kw", [dict(pool="cls"), dict(pool="gap"), dict(num_classes=0)])
