@@ -98,7 +98,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     """Write shard ``job.index`` and its stats file; return the stats."""
     import webdataset as wds
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for stale in temporaries(ctx.out_dir, job.index):  # from an attempt whose worker died
         os.remove(stale)
     rows = read_rows(ctx.table, job.start, job.stop)
@@ -150,7 +150,8 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
         "total": total, "ok": total - len(failures), "failed": len(failures),
         "failed_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
         "failures": failures, "kept_original": kept, "bytes": sink.bytes, "sha256": sink.sha.hexdigest(),
-        "seconds": round(time.perf_counter() - t0, 3), "node_id": node_id, "pid": os.getpid(),
+        "seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - cpu0, 3),
+        "node_id": node_id, "pid": os.getpid(),
     }
     write_json_atomic(stats_path(ctx.out_dir, job.index), stats)
     return stats

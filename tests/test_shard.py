@@ -254,7 +254,7 @@ def test_sigkill_mid_shard_then_rerun_equals_clean_run(ray_local, tmp_path):
         assert json.load(open(os.path.join(out, "000001.stats.json")))["pid"] != killer["pid"]
 
 
-def test_cli_logs_stage_metrics_to_mlflow(ray_local, tmp_path):
+def test_cli_logs_stage_metrics_to_mlflow(ray_local, tmp_path, capfd):
     from pipelines.cli import main
     from pipelines.tracking import client_for
 
@@ -263,6 +263,7 @@ def test_cli_logs_stage_metrics_to_mlflow(ray_local, tmp_path):
     argv = ["shard", "--source", str(tmp_path / "images"), "--out", str(out),
             "--set", f"workdir={wd}", "--set", "shard.image_size=32"]
     assert main(argv) == 0
+    assert "shard: 1/1 shards, 9 images ok, 0 failed" in capfd.readouterr().err  # log lines, not a bar: no TTY
     manifest = json.load(open(out / MANIFEST))
     assert manifest["totals"]["ok"] == 9 and manifest["source"] == str(tmp_path / "images")
     client = client_for(load_config(None, [f"workdir={wd}"]))
