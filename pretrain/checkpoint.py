@@ -177,11 +177,16 @@ class Checkpointer:
         # local files, so there each rank stages in a private local folder and uploads.
         self.local = isinstance(self.fs, LocalFileSystem)
         self._cache_base = cache_dir
+        self._cache_dir: Optional[str] = None
 
     # ------------------------------------------------------------------ paths and listing
 
     def _join(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
+
+    def url(self, *parts: str) -> str:
+        """A location under the root as the user wrote it (a path, or a URL with its protocol)."""
+        return "/".join([self.path if self.local else self.root, *parts])
 
     def complete_steps(self) -> list[int]:
         """Steps of the checkpoints that carry a completion marker, oldest first (not re-verified)."""
@@ -195,9 +200,15 @@ class Checkpointer:
         return sorted(steps)
 
     def _cache(self, *parts: str) -> str:
-        base = self._cache_base or os.path.join(tempfile.gettempdir(), f"vitscale-ckpt-{os.getuid()}")
-        path = os.path.join(base, hashlib.sha256(self.root.encode()).hexdigest()[:12], f"rank{self.rank}", *parts)
-        return path
+        """This process's local scratch folder for object storage (made on first use)."""
+        if self._cache_dir is None:
+            self._cache_dir = tempfile.mkdtemp(prefix=f"vitscale-ckpt-rank{self.rank}-", dir=self._cache_base)
+        return os.path.join(self._cache_dir, *parts)
+
+    def _drop_cache(self) -> None:
+        if self._cache_dir is not None:
+            shutil.rmtree(self._cache_dir, ignore_errors=True)
+            self._cache_dir = None
 
     # ------------------------------------------------------------------ save
 
@@ -236,9 +247,10 @@ class Checkpointer:
             self._publish(stage, name, meta)
             self._prune(step)
         _barrier()
-        if self.rank == 0 or not self.local:
+        if self.local and self.rank == 0:
             shutil.rmtree(stage_root, ignore_errors=True)
-        return self._join(name) if self.local else f"{self.root}/{name}"
+        self._drop_cache()
+        return self.url(name)
 
     def _hash_and_upload(self, stage: str, name: str) -> dict:
         """This rank's share of the manifest: {relative path: {sha256, bytes}}."""
@@ -301,7 +313,7 @@ class Checkpointer:
             self.fs.rm(dst, recursive=True)
         self.fs.makedirs(self._join(REJECTED), exist_ok=True)
         self.fs.mv(src, dst, recursive=True)
-        log.warning("checkpoint %s moved to %s (%s)", src, dst, reason)
+        log.warning("checkpoint %s moved to %s (%s)", self.url(name), self.url(REJECTED, name), reason)
 
     # ------------------------------------------------------------------ resume
 
@@ -310,8 +322,8 @@ class Checkpointer:
 
         Every rank calls this. Returns this rank's client state with ``resumed`` added
         (step, world size then and now, path, whether a universal conversion was used, refused
-        checkpoints), or None when there is no checkpoint. On a world-size change the per-rank
-        ``loader`` and ``rng`` entries are None: the old streams do not map onto the new ranks.
+        checkpoints), or None when there is no checkpoint. On a world-size change see
+        ``_client_state`` for what becomes of the per-rank ``loader`` and ``rng`` entries.
         """
         candidates = _broadcast(sorted(self.complete_steps(), reverse=True) if self.rank == 0 else None)
         rejected = []
@@ -319,11 +331,11 @@ class Checkpointer:
             name = step_name(step)
             meta, problems = self._read_manifest(name)
             if meta is not None:
-                problems += self._verify(name, meta["files"], self._reads(meta))
+                problems += self._verify(name, meta["files"], self._reads(meta, engine.zero_elastic_checkpoint()))
             problems = sorted({p for part in _gather(problems, self.world_size) for p in part})
             if problems:
                 for p in problems:
-                    log.warning("refusing checkpoint %s: %s; trying the previous one", self._join(name), p)
+                    log.warning("refusing checkpoint %s: %s; trying the previous one", self.url(name), p)
                 rejected.append({"step": step, "problems": problems})
                 _barrier()
                 if self.rank == 0:
@@ -340,15 +352,17 @@ class Checkpointer:
         changed = meta["world_size"] != self.world_size
         return changed, changed and any(f.endswith("optim_states.pt") for f in meta["files"])
 
-    def _reads(self, meta: dict) -> list[str]:
-        """The files of a checkpoint this rank will unpickle (and so must verify)."""
+    def _reads(self, meta: dict, all_shards: bool) -> list[str]:
+        """The files of a checkpoint this rank will unpickle (and so must verify); ``all_shards``:
+        DeepSpeed's elastic ZeRO checkpoints make every rank read every optimizer shard."""
         files = sorted(meta["files"])
         changed, universal = self._changed(meta)
         if not changed:
-            return _needed(files, self.rank)
+            return files if all_shards else _needed(files, self.rank)
+        ours = sorted({"client_rank0.pt", f"client_rank{self.rank % meta['world_size']}.pt"})
         if universal:  # rank 0 converts (reads everything); the others read the conversion
-            return files if self.rank == 0 else ["client_rank0.pt"]
-        return _needed(files, 0)  # unsharded optimizer: every rank reads rank 0's files
+            return files if self.rank == 0 else ours
+        return sorted(set(_needed(files, 0)) | set(ours))  # unsharded optimizer: all read rank 0's files
 
     def _read_manifest(self, name: str) -> tuple[Optional[dict], list[str]]:
         try:
@@ -357,13 +371,13 @@ class Checkpointer:
         except FileNotFoundError as e:
             return None, [f"missing {e.filename or e}"]
         if hashlib.sha256(manifest).hexdigest() != marker:
-            return None, [f"{self._join(name, MANIFEST)}: sha256 does not match the {MARKER} marker"]
+            return None, [f"{self.url(name, MANIFEST)}: sha256 does not match the {MARKER} marker"]
         try:
             meta = json.loads(manifest)
         except ValueError as e:
-            return None, [f"{self._join(name, MANIFEST)}: not JSON ({e})"]
+            return None, [f"{self.url(name, MANIFEST)}: not JSON ({e})"]
         if meta.get("format") != FORMAT:
-            return None, [f"{self._join(name, MANIFEST)}: format {meta.get('format')!r}, expected {FORMAT}"]
+            return None, [f"{self.url(name, MANIFEST)}: format {meta.get('format')!r}, expected {FORMAT}"]
         return meta, []
 
     def _local_dir(self, *parts: str) -> str:
@@ -375,19 +389,19 @@ class Checkpointer:
         storage); any file present but not listed is refused too, as DeepSpeed globs folders."""
         remote = self._join(name)
         present = {p[len(remote) + 1:] for p in self.fs.find(remote)} - {MANIFEST, MARKER}
-        problems = [f"{self._join(name, p)}: not in the manifest" for p in sorted(present - set(files))]
+        problems = [f"{self.url(name, p)}: not in the manifest" for p in sorted(present - set(files))]
         local = self._local_dir(name)
         for rel in wanted:
             where = os.path.join(local, rel)
             if rel not in present:
-                problems.append(f"{self._join(name, rel)}: missing")
+                problems.append(f"{self.url(name, rel)}: missing")
                 continue
             if not self.local:
                 os.makedirs(os.path.dirname(where), exist_ok=True)
                 self.fs.get_file(self._join(name, rel), where)
             digest = sha256_file(where)
             if digest != files[rel]["sha256"]:
-                problems.append(f"{self._join(name, rel)}: sha256 {digest[:16]}... does not match the "
+                problems.append(f"{self.url(name, rel)}: sha256 {digest[:16]}... does not match the "
                                 f"manifest's {files[rel]['sha256'][:16]}... (corrupted or modified)")
         return problems
 
@@ -407,18 +421,29 @@ class Checkpointer:
         else:
             path, _ = engine.load_checkpoint(self._local_dir(), tag=name)
         if path is None:
-            raise CheckpointError(f"DeepSpeed found no model states in {self._join(name)}")
-        own = f"client_rank{0 if changed else self.rank}.pt"
-        state = torch.load(os.path.join(self._local_dir(name), own), weights_only=True, map_location="cpu")
-        if changed:
-            state["loader"] = None
-            state["rng"] = None
-        state["resumed"] = {"step": step, "path": self._join(name) if self.local else f"{self.root}/{name}",
+            raise CheckpointError(f"DeepSpeed found no model states in {self.url(name)}")
+        state = self._client_state(name, meta["world_size"])
+        state["resumed"] = {"step": step, "path": self.url(name),
                             "world_size_then": meta["world_size"], "world_size_now": self.world_size,
                             "universal": universal, "rejected": rejected}
         _barrier()
-        if not self.local:
-            shutil.rmtree(self._cache(), ignore_errors=True)
+        self._drop_cache()
+        return state
+
+    def _client_state(self, name: str, then: int) -> dict:
+        """This rank's saved state. On a world-size change the per-rank parts cannot map 1:1: rank r
+        takes the loader state of old rank ``r % then`` (the loader sees the other layout and starts
+        fresh streams seeded from that state's seed and batch count, so no data order is replayed),
+        and ``rng`` is None (the caller reseeds); everything else comes from old rank 0."""
+        def load(r: int) -> dict:
+            path = os.path.join(self._local_dir(name), f"client_rank{r}.pt")
+            return torch.load(path, weights_only=True, map_location="cpu")
+
+        if then == self.world_size:
+            return load(self.rank)
+        state = load(0)
+        state["loader"] = load(self.rank % then).get("loader")
+        state["rng"] = None
         return state
 
     def _universal(self, name: str) -> str:
@@ -437,7 +462,7 @@ class Checkpointer:
             problems += self._verify(sub, meta["files"], sorted(meta["files"]))
         problems = sorted({p for part in _gather(problems, self.world_size) for p in part})
         if problems:
-            raise CheckpointError(f"universal checkpoint {self._join(sub)} failed verification: {problems}")
+            raise CheckpointError(f"universal checkpoint {self.url(sub)} failed verification: {problems}")
         return self._local_dir(UNIVERSAL)
 
     def _convert(self, name: str, sub: str) -> None:
@@ -448,7 +473,7 @@ class Checkpointer:
         shutil.rmtree(stage_root, ignore_errors=True)
         out = os.path.join(stage_root, UNIVERSAL, name)
         workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-        log.warning("world size changed: converting %s to a universal checkpoint", self._join(name))
+        log.warning("world size changed: converting %s to a universal checkpoint", self.url(name))
         ds_to_universal(Namespace(input_folder=self._local_dir(name), output_folder=out,
                                   num_extract_workers=workers, num_merge_workers=workers,
                                   keep_temp_folder=False, strict=True, inject_missing_state=True))

@@ -17,6 +17,8 @@ from pretrain.checkpoint import (MANIFEST, MARKER, UNIVERSAL, Checkpointer, _che
                                  set_rng_state, step_name)
 from test_checkpoint_worker import assert_same_state, ok, reports, torchrun
 
+OBJSTORE = "objstore://checkpoints"  # the torchrun workers map it onto the runs' folder
+
 
 # --------------------------------------------------------------------------- no processes needed
 
@@ -61,6 +63,11 @@ def runs(tmp_path_factory):
     same: 2 ranks resume and train to step 8.
     down: a byte of step 8 is flipped; 1 rank resumes (refusing step 8) and trains to step 10.
     up:   2 ranks resume the 1-rank checkpoint and train to step 12.
+
+    ``down`` and ``up`` reach the same folder as ``objstore://checkpoints``, an fsspec filesystem
+    with object-store semantics, so they take the object-storage path (upload, marker, download);
+    before ``down``, a ``step_00000010/`` without its marker stands for an object-store save that a
+    crash cut off.
     """
     base = tmp_path_factory.mktemp("ckpt")
     root = base / "checkpoints"
@@ -79,8 +86,10 @@ def runs(tmp_path_factory):
         data[len(data) // 2] ^= 0x01
         bad.write_bytes(bytes(data))
         r["bad"], r["bad_bytes"] = bad, bytes(data)
-    r["down"] = torchrun(1, root, base / "down", "--steps", "10")
-    r["up"] = torchrun(2, root, base / "up", "--steps", "12")
+    (root / step_name(10)).mkdir()
+    (root / step_name(10) / "mp_rank_00_model_states.pt").write_bytes(b"cut off")
+    r["down"] = torchrun(1, OBJSTORE, base / "down", "--steps", "10", objstore=base)
+    r["up"] = torchrun(2, OBJSTORE, base / "up", "--steps", "12", objstore=base)
     return r
 
 
@@ -93,7 +102,8 @@ def test_killed_while_writing_resumes_from_previous_complete(runs):
     assert runs["after_kill"]["latest"] == step_name(6)
 
     ok(runs["same"])
-    for rep in reports(base / "same"):
+    for rank, rep in enumerate(reports(base / "same")):
+        assert rep["loader"] == {"position": 6, "rank": rank} and rep["rng_restored"] is True
         assert rep["resumed"]["step"] == 6
         assert (rep["resumed"]["world_size_then"], rep["resumed"]["world_size_now"]) == (2, 2)
         assert rep["resumed"]["rejected"] == [] and rep["resumed"]["universal"] is False
@@ -118,12 +128,13 @@ def test_flipped_byte_is_refused_and_previous_checkpoint_used(runs):
     ok(runs["same"])
     bad = runs["bad"]
     ok(down)
-    assert f"refusing checkpoint {root / step_name(8)}" in down.stderr
-    assert f"{bad}: sha256" in down.stderr and "does not match the manifest" in down.stderr
+    bad_url = f"{OBJSTORE}/{step_name(8)}/{bad.name}"
+    assert f"refusing checkpoint {OBJSTORE}/{step_name(8)}" in down.stderr
+    assert f"{bad_url}: sha256" in down.stderr and "does not match the manifest" in down.stderr
     (rep,) = reports(base / "down")
-    assert rep["resumed"]["step"] == 6
-    assert rep["resumed"]["rejected"][0]["step"] == 8
-    assert str(bad) in rep["resumed"]["rejected"][0]["problems"][0]
+    assert rep["resumed"]["step"] == 6  # not 10 (no marker), not 8 (refused)
+    assert [x["step"] for x in rep["resumed"]["rejected"]] == [8]
+    assert bad_url in rep["resumed"]["rejected"][0]["problems"][0]
     # The refused checkpoint is kept aside for inspection.
     assert (root / "rejected" / step_name(8) / bad.name).read_bytes() == runs["bad_bytes"]
 
@@ -136,6 +147,8 @@ def test_two_workers_to_one_keeps_model_and_adam_moments(runs):
     assert (rep["resumed"]["world_size_then"], rep["resumed"]["world_size_now"]) == (2, 1)
     assert "world size changed: converting" in down.stderr
     assert_same_state(torch.load(base / "kill" / "saved_6.pt"), torch.load(base / "down" / "resumed_6.pt"))
+    # Per-rank state cannot map 1:1: the loader gets old rank 0's (it starts fresh streams from it).
+    assert rep["loader"] == {"position": 6, "rank": 0} and rep["rng_restored"] is False
 
 
 def test_one_worker_to_two_keeps_model_and_adam_moments(runs):
@@ -145,6 +158,7 @@ def test_one_worker_to_two_keeps_model_and_adam_moments(runs):
         assert rep["resumed"]["step"] == 10 and rep["resumed"]["universal"] is True
         assert (rep["resumed"]["world_size_then"], rep["resumed"]["world_size_now"]) == (1, 2)
     assert_same_state(torch.load(base / "down" / "saved_10.pt"), torch.load(base / "up" / "resumed_10.pt"))
+    assert [rep["loader"] for rep in reports(base / "up")] == [{"position": 10, "rank": 0}] * 2
     # keep=2: the universal form of a pruned checkpoint goes with it.
     assert sorted(p.name for p in (root / UNIVERSAL).iterdir()) == [step_name(10)]
     assert sorted(p.name for p in root.glob("step_*")) == [step_name(10), step_name(12)]

@@ -22,9 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve()
 
 
-def torchrun(nproc: int, root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the worker on ``nproc`` CPU processes; returns the finished process (output captured)."""
+def torchrun(nproc: int, root: str | Path, out: Path, *args: str, objstore: Path | None = None
+             ) -> subprocess.CompletedProcess:
+    """Run the worker on ``nproc`` CPU processes; returns the finished process (output captured).
+    With ``objstore``, ``objstore://`` roots live in that folder (see ``ObjectStoreFS``)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if objstore is not None:
+        env["OBJSTORE_ROOT"] = str(objstore)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKER), "--root", str(root), "--out", str(out), *args]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -48,6 +52,23 @@ def ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def register_object_store() -> None:
+    """``objstore://KEY``: a local folder ($OBJSTORE_ROOT) behind a non-local fsspec filesystem with
+    object-store semantics (no directories to make, writes anywhere), so ``Checkpointer`` takes its
+    object-storage path: private local staging, upload, completion marker, download and verify."""
+    import fsspec
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    class ObjectStoreFS(DirFileSystem):
+        protocol = "objstore"
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(path=os.environ["OBJSTORE_ROOT"], fs=LocalFileSystem(auto_mkdir=True))
+
+    fsspec.register_implementation("objstore", ObjectStoreFS, clobber=True)
+
+
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
@@ -62,15 +83,19 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def full_state(engine) -> dict:
-    """Every parameter and Adam moment, assembled from the ZeRO partitions (collective)."""
+    """Every parameter and Adam moment, assembled from the ZeRO partitions (collective), the LR and step."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt = engine.optimizer
-    if getattr(opt, "_hp_optimizer_states_linked", None) is False and opt.optimizer.state:
-        # After a (non-universal) load DeepSpeed links the moments to the parameters lazily, at the
-        # next step; link them now so they can be read before any step.
+    if opt.optimizer.state:
+        # DeepSpeed links the moments to the parameters lazily, after the first group's first step
+        # (so a second group's links stay empty), and after a non-universal load only at the next
+        # step: link them again before reading.
+        opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
-    out = {}
+    import torch
+
+    out = {"lr": torch.tensor(engine.get_lr()), "global_steps": torch.tensor(engine.global_steps)}
     for name, p in engine.module.named_parameters():
         out[f"param/{name}"] = safe_get_full_fp32_param(p).detach().clone()
         for key in ("exp_avg", "exp_avg_sq"):
@@ -127,15 +152,21 @@ def main(argv=None) -> None:
     from pretrain.checkpoint import Checkpointer, rng_state, set_rng_state
     from pretrain.model import ViT, ViTConfig
 
+    if args.root.startswith("objstore://"):
+        register_object_store()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = ViT(ViTConfig.from_variant("mu/4", img_size=16, num_classes=4))
+    # As the pretraining engine builds it: DeepSpeed's AdamW (torch's) and LR schedule, two groups.
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9}
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+              "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.05, "torch_adam": True}},
+              "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 20, "warmup_num_steps": 2}}}
+    groups = [{"params": [p for p in model.parameters() if p.ndim > 1]},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
 
     ckpt = Checkpointer(args.root, keep=args.keep, rank=rank, world_size=world)
     state = ckpt.resume(engine)
@@ -146,6 +177,8 @@ def main(argv=None) -> None:
         start = state["step"]
         report["resumed"] = state["resumed"]
         report["client_keys"] = sorted(state)
+        report["loader"] = state["loader"]
+        report["rng_restored"] = state["rng"] is not None
         if state["rng"] is not None:
             set_rng_state(state["rng"])
         resumed = full_state(engine)
