@@ -203,7 +203,8 @@ class Grid:
         self.pending[ref] = {"kind": phase, "dataset": dataset, "init": init, "lr": lr, "run_id": run_id}
 
     def submit_probe(self, dataset: str, init: str) -> None:
-        job = ProbeJob(dataset, self.t.data_root, self.export_dir, init, tuple(self.t.shots), self.cfg.seed)
+        job = ProbeJob(dataset, self.t.data_root, self.export_dir, init, tuple(self.t.shots), self.cfg.seed,
+                       use_gpu=self.cfg.pretrain.use_gpu)
         ref = self._probe.remote(job)
         self.pending[ref] = {"kind": "probe", "dataset": dataset, "init": init, "lr": None, "run_id": None}
 

@@ -120,6 +120,7 @@ class ProbeJob:
     shots: tuple[int, ...] = (1, 5, 10, 25)
     seed: int = 0
     batch: int = 256
+    use_gpu: bool = False
 
 
 def warmup_steps_for(steps: int, warmup: Optional[int]) -> int:
@@ -146,8 +147,8 @@ def ensure_process_group(use_gpu: bool):
 class GlobalBatchSampler(Sampler[list[int]]):
     """An endless stream of seeded epochs cut into global batches; each rank takes its slice.
 
-    Every rank computes the same stream without talking to the others, every global batch holds
-    ``batch`` distinct-as-possible examples, and a dataset smaller than a batch still works.
+    Every rank computes the same stream without talking to the others; batches run across epoch
+    boundaries (as big_vision's repeated datasets do), so a dataset smaller than a batch still works.
     """
 
     def __init__(self, n: int, batch: int, rank: int, world_size: int, seed: int):
@@ -275,6 +276,8 @@ def run_probe(job: ProbeJob) -> dict:
     export_dir = Path(job.export_dir)
     spec = dataset_spec(job.dataset, job.data_root)
     model = load_model(export_dir, job.init, job.seed)
+    if job.use_gpu:
+        model = model.cuda()
     mean, std = export_normalization(export_dir)
     feats = {}
     for split in ("train", "dev", "test"):
