@@ -176,3 +176,25 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
             yield pending.popleft()
     while pending:
         yield pending.popleft()
+
+
+class Deferred:
+    """A call made when its result is asked for: the ``Future`` stand-in for sources that need no threads."""
+
+    def __init__(self, fn: Callable[[T], R], item: T):
+        self.fn, self.item = fn, item
+
+    def result(self) -> R:
+        return self.fn(self.item)
+
+
+def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int,
+                   remote: Callable[[T], bool]) -> Iterator[tuple[T, "Future | Deferred"]]:
+    """``(item, future)`` in input order. Items on the network are fetched ``threads`` at a time ahead
+    of use; when there are none (local files read in microseconds), no threads are started at all,
+    since handing each read to a thread costs more than the read."""
+    if not any(remote(item) for item in items):
+        yield from ((item, Deferred(fn, item)) for item in items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
+        yield from ordered_map(pool, fn, items, window=2 * threads + 2)

@@ -14,12 +14,11 @@ import os
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from pipelines.config import DownloadConfig
-from pipelines.fetch import Fetcher, ordered_map
+from pipelines.fetch import Fetcher, fetch_in_order, is_url, resolve
 from pipelines.images import ImageSettings, Rejected, process
 from pipelines.sources import Labels, Table, read_rows
 
@@ -113,11 +112,13 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
         location, _, error = row
         return fetcher.fetch(location) if location and not error else None
 
-    threads = ctx.download.threads
-    with open(tmp, "wb") as raw, ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
+    def remote(row: tuple) -> bool:
+        return bool(row[0]) and is_url(resolve(row[0], ctx.table.base)) and not row[0].startswith("file://")
+
+    with open(tmp, "wb") as raw:
         sink = _HashingSink(raw)
         writer = wds.TarWriter(sink, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER)
-        for i, (row, future) in enumerate(ordered_map(pool, fetch, rows, window=2 * threads + 2)):
+        for i, (row, future) in enumerate(fetch_in_order(fetch, rows, ctx.download.threads, remote)):
             location, raw_label, error = row
             key = f"{shard_name(job.index)}_{i:06d}"
             try:
