@@ -195,9 +195,7 @@ def submit_main(cfg: Config, args) -> int:
         skipped = stage_working_dir(source_root(), Path(tmp), cfg)
         for rel in skipped:
             print(f"not shipped (over {MAX_FILE_BYTES // 2**20} MiB): {rel}", file=sys.stderr)
-        # ensure_ray inside the job passes some of the same variables to ray.init again; Ray
-        # refuses such a merge unless told that the driver's (identical) values may win.
-        runtime_env = {"working_dir": tmp, "env_vars": {**env, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}
+        runtime_env = {"working_dir": tmp, "env_vars": env}
         job_id = client.submit_job(
             entrypoint=entrypoint(stage), runtime_env=runtime_env, submission_id=submission_id,
             metadata={"vitscale.name": cfg.name, "vitscale.stage": stage},

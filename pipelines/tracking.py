@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 from typing import Iterator, Optional
 
-from pipelines.config import Config, TrackingConfig
+from pipelines.config import Config, ConfigError, TrackingConfig
 
 
 class Terminated(BaseException):
@@ -20,9 +20,14 @@ class Terminated(BaseException):
 
 
 def tracking_uri(tracking: TrackingConfig, workdir: str) -> str:
-    """``tracking.uri`` or, when null, a sqlite file in the workdir."""
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file in a local workdir."""
     if tracking.uri:
         return tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in workdir:
+        raise ConfigError(f"tracking.uri: null needs a local workdir for its sqlite file, but workdir is "
+                          f"{workdir!r}; set tracking.uri (or $MLFLOW_TRACKING_URI) to your MLflow server")
     path = Path(workdir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
