@@ -252,6 +252,7 @@ def test_sigkill_mid_shard_then_rerun_equals_clean_run(ray_local, tmp_path):
         thread.join()
         assert retried == clean
         assert json.load(open(os.path.join(out, "000001.stats.json")))["pid"] != killer["pid"]
+        assert not glob.glob(os.path.join(out, ".*.tmp"))  # the retry cleared the killed attempt's temporary
 
 
 def test_cli_logs_stage_metrics_to_mlflow(ray_local, tmp_path, capfd):
