@@ -229,8 +229,8 @@ class Checkpointer:
         else:
             stage_root = self._cache(PARTIAL)
             shutil.rmtree(stage_root, ignore_errors=True)
-            if self.rank == 0 and self.fs.exists(self._join(name)):
-                self.fs.rm(self._join(name), recursive=True)  # an incomplete or refused one of this step
+            if self.rank == 0:
+                self._remove(self._join(name))  # an incomplete or refused one of this step
         _barrier()
         engine.save_checkpoint(stage_root, tag=name, client_state={"vitscale_step": step}, save_latest=False)
         stage = os.path.join(stage_root, name)
@@ -255,16 +255,14 @@ class Checkpointer:
     def _hash_and_upload(self, stage: str, name: str) -> dict:
         """This rank's share of the manifest: {relative path: {sha256, bytes}}."""
         files = sorted(str(p.relative_to(stage)) for p in Path(stage).rglob("*") if p.is_file())
+        mine = files
         if self.local:
-            # One shared folder: ranks split the hashing; they must all see the same listing, or the
-            # root is not on a filesystem all ranks share.
-            listings = _gather(files, self.world_size)
-            if any(other != files for other in listings):
-                raise CheckpointError(f"{self.root}: ranks see different files in {stage}; the checkpoint "
-                                      "root must be a filesystem shared by all ranks, or an object store URL")
-            mine = files[self.rank::self.world_size]
-        else:
-            mine = files
+            # One shared folder: each file is hashed by one of the ranks that list it (a rank always
+            # lists what it wrote, even where a network filesystem's listings lag behind).
+            seen = _gather(files, self.world_size)
+            union = sorted(set().union(*map(set, seen)))
+            owners = [[r for r in range(self.world_size) if rel in set(seen[r])] for rel in union]
+            mine = [rel for i, (rel, who) in enumerate(zip(union, owners)) if who[i % len(who)] == self.rank]
         out = {}
         for rel in mine:
             local = os.path.join(stage, rel)
@@ -277,6 +275,10 @@ class Checkpointer:
         manifest = json.dumps(meta, indent=1).encode()
         marker = hashlib.sha256(manifest).hexdigest().encode()
         if self.local:
+            unseen = [rel for rel in meta["files"] if not os.path.exists(os.path.join(stage, rel))]
+            if unseen:
+                raise CheckpointError(f"{self.root}: rank 0 cannot see {unseen[:3]} written by other ranks; the "
+                                      "checkpoint root must be a filesystem all ranks share, or an object store")
             _write_durable(os.path.join(stage, MANIFEST), manifest)
             _write_durable(os.path.join(stage, MARKER), marker)
             final = self._join(name)
@@ -304,14 +306,21 @@ class Checkpointer:
                 drop.add(int(m.group(1)))
         for step in sorted(drop):
             for path in (self._join(step_name(step)), self._join(UNIVERSAL, step_name(step))):
-                if self.fs.exists(path):
-                    self.fs.rm(path, recursive=True)
+                self._remove(path)
+
+    def _remove(self, path: str) -> None:
+        """Delete a checkpoint folder, its marker first: one cut off half-deleted is never complete."""
+        if self.fs.exists(f"{path}/{MARKER}"):
+            self.fs.rm(f"{path}/{MARKER}")
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
 
     def _reject(self, name: str, reason: str) -> None:
         src, dst = self._join(name), self._join(REJECTED, name)
-        if self.fs.exists(dst):
-            self.fs.rm(dst, recursive=True)
+        self._remove(dst)
         self.fs.makedirs(self._join(REJECTED), exist_ok=True)
+        if not self.local and self.fs.exists(f"{src}/{MARKER}"):  # a move is copy + delete there
+            self.fs.rm(f"{src}/{MARKER}")
         self.fs.mv(src, dst, recursive=True)
         log.warning("checkpoint %s moved to %s (%s)", self.url(name), self.url(REJECTED, name), reason)
 
@@ -388,12 +397,12 @@ class Checkpointer:
         """Check the files in ``wanted`` against the manifest (downloading them first from object
         storage); any file present but not listed is refused too, as DeepSpeed globs folders."""
         remote = self._join(name)
-        present = {p[len(remote) + 1:] for p in self.fs.find(remote)} - {MANIFEST, MARKER}
-        problems = [f"{self.url(name, p)}: not in the manifest" for p in sorted(present - set(files))]
+        listed = {p[len(remote) + 1:] for p in self.fs.find(remote)} - {MANIFEST, MARKER}
+        problems = [f"{self.url(name, p)}: not in the manifest" for p in sorted(listed - set(files))]
         local = self._local_dir(name)
         for rel in wanted:
             where = os.path.join(local, rel)
-            if rel not in present:
+            if not self.fs.exists(self._join(name, rel)):  # by name: a listing may lag on network filesystems
                 problems.append(f"{self.url(name, rel)}: missing")
                 continue
             if not self.local:
@@ -450,11 +459,9 @@ class Checkpointer:
         """DeepSpeed's universal form of checkpoint ``name`` (made once by rank 0), verified; returns
         the folder to pass to ``load_checkpoint`` with tag ``name``."""
         sub = f"{UNIVERSAL}/{name}"
-        ok = False
         if self.rank == 0:
-            meta, problems = self._read_manifest(sub)
-            ok = meta is not None and not self._verify(sub, meta["files"], sorted(meta["files"]))
-            if not ok:
+            meta, _ = self._read_manifest(sub)
+            if meta is None or self._verify(sub, meta["files"], sorted(meta["files"])):
                 self._convert(name, sub)
         _barrier()
         meta, problems = self._read_manifest(sub)
@@ -472,10 +479,11 @@ class Checkpointer:
         stage_root = self._join(PARTIAL) if self.local else self._cache(PARTIAL)
         shutil.rmtree(stage_root, ignore_errors=True)
         out = os.path.join(stage_root, UNIVERSAL, name)
-        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
         log.warning("world size changed: converting %s to a universal checkpoint", self.url(name))
+        # One worker: the converter then runs in this process instead of forking a pool from a
+        # process that holds communicator threads (and maybe a CUDA context).
         ds_to_universal(Namespace(input_folder=self._local_dir(name), output_folder=out,
-                                  num_extract_workers=workers, num_merge_workers=workers,
+                                  num_extract_workers=1, num_merge_workers=1,
                                   keep_temp_folder=False, strict=True, inject_missing_state=True))
         files = {str(p.relative_to(out)): {"sha256": sha256_file(str(p), fsync=self.local), "bytes": p.stat().st_size}
                  for p in sorted(Path(out).rglob("*")) if p.is_file()}
@@ -484,8 +492,7 @@ class Checkpointer:
         manifest = json.dumps(meta, indent=1).encode()
         marker = hashlib.sha256(manifest).hexdigest().encode()
         final = self._join(sub)
-        if self.fs.exists(final):
-            self.fs.rm(final, recursive=True)
+        self._remove(final)
         if self.local:
             _write_durable(os.path.join(out, MANIFEST), manifest)
             _write_durable(os.path.join(out, MARKER), marker)
