@@ -1,0 +1,387 @@
+"""``vitscale bench train``: training throughput (images/s, TFLOP/s, MFU) and ZeRO model-state memory.
+
+CPU (default): N gloo ranks on this machine train VARIANT with DeepSpeed ZeRO-STAGE on random images,
+beside plain PyTorch (AdamW, bf16 autocast) in one process using every core; MFU is against the bf16
+matmul peak measured here. Then the model-state bytes per rank for ZeRO 0 to 3, measured after a
+backward pass (parameters, gradients, fp32 master copies, Adam moments, DeepSpeed's buffers), beside
+the ZeRO paper's formulas for mixed-precision Adam: 16P, 4P + 12P/N, 2P + 14P/N, 16P/N bytes.
+
+GPU (``--gpu``): one process, one GPU, ViT-B/16 and L/16 in bf16 at 224 px, MFU against the card's
+bf16 dense peak (H100/H200 989, A100 312 TFLOP/s). Uses DeepSpeed when it is importable, else plain
+PyTorch, and says which. Needs only torch (and deepspeed), not the rest of the project's packages::
+
+    python -m pipelines.bench.train --gpu                   # eager, about 2 minutes on an H100
+    python -m pipelines.bench.train --gpu --compile both    # eager and torch.compile'd blocks
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import socket
+import sys
+import time
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.engine import build_engine, init_distributed, param_groups, train_step
+from pretrain.errors import InputError
+from pretrain.metrics import detect_peak_tflops, train_flops_per_image
+from pretrain.model import ViT, ViTConfig, num_params
+
+GPU_CASES = "B/16:256,L/16:128"  # variant:micro-batch; both fit an 80 GB card in bf16 without recomputation
+ZERO_FORMULAS = {  # bytes per parameter for stage s on N ranks (Rajbhandari et al. 2020, Fig. 1, K = 12)
+    0: ("16P", lambda n: 16.0),
+    1: ("4P + 12P/N", lambda n: 4 + 12 / n),
+    2: ("2P + 14P/N", lambda n: 2 + 14 / n),
+    3: ("16P/N", lambda n: 16 / n),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="vitscale bench train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="Ti/16", help="CPU mode: model variant (default Ti/16)")
+    ap.add_argument("--img", type=int, default=224, help="image size in pixels")
+    ap.add_argument("--batch", type=int, default=8, help="CPU mode: micro-batch per rank")
+    ap.add_argument("--stage", type=int, choices=[0, 1, 2, 3], default=None,
+                    help="ZeRO stage (CPU default 2; GPU default 1: one rank has nothing to partition)")
+    ap.add_argument("--ranks", type=int, default=2, help="CPU mode: gloo processes")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--steps", type=int, default=5, help="CPU mode: timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true", help="CPU mode: skip the ZeRO memory table")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: detect)")
+    ap.add_argument("--gpu", action="store_true", help="single-GPU mode: B/16 and L/16 bf16 at 224 px")
+    ap.add_argument("--cases", default=GPU_CASES, help=f"GPU mode: VARIANT:BATCH,... (default {GPU_CASES})")
+    ap.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto")
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                    help="torch.compile each transformer block (one graph, reused by every block)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="GPU mode: timed seconds per case")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the GPU path on CPU, for tests
+    o = ap.parse_args(argv)
+    if o.stage is None:
+        o.stage = 1 if o.gpu else 2
+    return o
+
+
+def main(args: argparse.Namespace) -> int:
+    o = parse_args(list(getattr(args, "rest", None) or []))
+    return gpu_main(o) if o.gpu else cpu_main(o)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _pretrain_slice(batch: int, world: int, stage: int, precision: str, use_gpu: bool, **deepspeed) -> types.SimpleNamespace:
+    """A ``pretrain`` config slice for one optimizer step per micro-batch (no accumulation)."""
+    return types.SimpleNamespace(
+        global_batch=batch * world, micro_batch=batch, steps=10**6, lr=1e-4, betas=(0.9, 0.999),
+        weight_decay=0.1, warmup_steps=1, schedule="linear", grad_clip=1.0, precision=precision,
+        zero_stage=stage, use_gpu=use_gpu, deepspeed=deepspeed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches(vit: ViTConfig, batch: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, vit.img_size, vit.img_size, generator=g).to(device)
+    y = torch.randint(0, vit.num_classes, (batch,), generator=g).to(device)
+    return itertools.repeat((x, y))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Callable[[], None], device: torch.device, warmup: int, steps: int = 0, seconds: float = 0.0) -> tuple[int, float]:
+    """Run ``warmup`` steps, then ``steps`` more or as many as fit in ``seconds``; returns (steps, seconds)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start, n = time.perf_counter(), 0
+    while n < max(steps, 1) or time.perf_counter() - start < seconds:
+        step()
+        n += 1
+        if seconds:
+            _sync(device)  # so that the clock sees the GPU's work, not just the queued launches
+    _sync(device)
+    return n, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- CPU: ranks, baseline, memory
+
+
+def live_tensor_bytes(extra: tuple = ()) -> int:
+    """Bytes of every distinct tensor storage alive in this process (plus ``extra`` tensors, e.g. gradients
+    that exist only on the C++ side until touched from Python)."""
+    gc.collect()
+    seen, total = set(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some library objects warns about deprecations
+        tensors = [obj for obj in itertools.chain(gc.get_objects(), extra) if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        try:
+            if obj.is_meta:
+                continue
+            storage = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 - some tensor subclasses refuse storage access; they hold nothing here
+            continue
+        key = (storage.data_ptr(), str(storage.device))
+        if storage.nbytes() and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def _model_state_bytes(vit: ViTConfig, stage: int, world: int, batch: int) -> int:
+    """Tensor bytes one engine holds after a full step and a second backward (gradients and Adam moments
+    all exist): live storage then minus live storage before the model was built (an earlier engine's
+    leftovers, which DeepSpeed does not release in full, stay out of the count)."""
+    before = live_tensor_bytes()
+    torch.manual_seed(0)
+    model = ViT(vit)
+    bucket = max(num_params(model) // 8 // 64 * 64, 1024)  # DeepSpeed wants multiples of its alignment
+    p = _pretrain_slice(batch, world, stage, "bf16", False,
+                        # Buckets an eighth of the model, so that they do not dwarf a small one; every
+                        # parameter partitioned under ZeRO-3, as the paper's formula assumes.
+                        zero_optimization={"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                                           "stage3_prefetch_bucket_size": bucket,
+                                           "stage3_param_persistence_threshold": 0})
+    engine = build_engine(model, p, world)
+    batches = _batches(vit, batch, engine.device)
+    train_step(engine, batches)
+    images, labels = next(batches)
+    engine.backward(F.cross_entropy(engine(images.to(torch.bfloat16)).float(), labels))
+    del images, labels, batches
+    grads = tuple(q.grad for q in engine.module.parameters() if q.grad is not None)
+    used = live_tensor_bytes(grads) - before
+    engine.step()
+    del engine, grads
+    gc.collect()
+    return used
+
+
+def _rank_main(rank: int, world: int, port: int, o: argparse.Namespace, results) -> None:
+    """One gloo rank: the memory table's stages, then the timed run of ``o.stage``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    info = init_distributed(use_gpu=False)
+    vit = ViTConfig.from_variant(o.variant, num_classes=1000, img_size=o.img)
+    if not o.no_memory:
+        for stage in ZERO_FORMULAS:
+            results.put(("memory", rank, stage, _model_state_bytes(vit, stage, world, 2)))
+    torch.manual_seed(0)
+    engine = build_engine(ViT(vit), _pretrain_slice(o.batch, world, o.stage, o.precision, False), world)
+    batches = _batches(vit, o.batch, info.device, seed=rank)
+    n, seconds = _timed(lambda: train_step(engine, batches), info.device, o.warmup, o.steps)
+    results.put(("speed", rank, n * o.batch * world, seconds))
+    torch.distributed.barrier()
+
+
+def _baseline(vit: ViTConfig, batch: int, precision: str, warmup: int, steps: int) -> float:
+    """Images/s of plain PyTorch in this process: fp32 weights, bf16 autocast, AdamW with the same groups."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = ViT(vit).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    x, y = next(_batches(vit, batch, torch.device("cpu")))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    n, seconds = _timed(step, torch.device("cpu"), warmup, steps)
+    return n * batch / seconds
+
+
+def cpu_matmul_peak_tflops(size: int = 1024, seconds: float = 1.0) -> float:
+    """The best matmul rate of this CPU with every core, bf16 or fp32 (CPUs without bf16 units emulate
+    it slowly): the 'peak' that CPU MFU is measured against."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    best = 0.0
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def cpu_main(o: argparse.Namespace) -> int:
+    import torch.multiprocessing as mp
+
+    vit = ViTConfig.from_variant(o.variant, num_classes=1000, img_size=o.img)
+    flops = train_flops_per_image(vit)
+    peak = o.peak_tflops or cpu_matmul_peak_tflops()
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_main, args=(o.ranks, _free_port(), o, results), nprocs=o.ranks, join=True)
+    rows = []
+    while not results.empty():
+        rows.append(results.get())
+    speed = [r for r in rows if r[0] == "speed"]
+    ds_img_s = speed[0][2] / max(r[3] for r in speed)  # the slowest rank sets the pace
+    base_img_s = _baseline(vit, o.batch * o.ranks, o.precision, o.warmup, o.steps)
+
+    print(f"vitscale bench train: {o.variant} at {o.img} px ({num_params(ViT(vit)) / 1e6:.2f} M params, "
+          f"{flops / 1e9:.1f} GFLOP per training image), {o.precision}, micro-batch {o.batch} x {o.ranks} ranks, "
+          f"CPU with {os.cpu_count()} cores; MFU against the measured matmul peak {peak:.3f} TFLOP/s")
+    print(f"{'':34s}{'images/s':>10s}{'TFLOP/s':>10s}{'MFU':>8s}")
+    for name, img_s, devices in ((f"DeepSpeed ZeRO-{o.stage}, {o.ranks} gloo ranks", ds_img_s, o.ranks),
+                                 ("baseline: PyTorch, 1 process", base_img_s, 1)):
+        tflops = img_s * flops / 1e12
+        print(f"{name:34s}{img_s:10.2f}{tflops:10.4f}{tflops / peak:8.1%}")
+    print(f"{'ratio':34s}{ds_img_s / base_img_s:10.2f}")
+    if not o.no_memory:
+        _print_memory(vit, o.ranks, [r for r in rows if r[0] == "memory"])
+    return 0
+
+
+def _print_memory(vit: ViTConfig, world: int, rows: list) -> None:
+    params = num_params(ViT(vit))
+    mib = 2**20
+    print(f"\nmodel-state memory per rank, bf16 + fp32 AdamW, P = {params / 1e6:.2f} M, N = {world} "
+          f"(measured: live tensor storage after a backward pass, largest rank)")
+    print(f"{'ZeRO':6s}{'measured MiB':>14s}{'formula':>14s}{'formula MiB':>13s}{'ratio':>8s}")
+    for stage, (text, per_param) in ZERO_FORMULAS.items():
+        measured = max(r[3] for r in rows if r[2] == stage)
+        expected = per_param(world) * params
+        print(f"{stage:<6d}{measured / mib:14.1f}{text:>14s}{expected / mib:13.1f}{measured / expected:8.2f}")
+
+
+# --------------------------------------------------------------------------- GPU: one process, one device
+
+
+@dataclass
+class GpuResult:
+    case: str
+    batch: int
+    img_s: float
+    tflops: float
+    mem_gib: float
+
+
+def _use_deepspeed(engine: str) -> bool:
+    if engine == "torch":
+        return False
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        if engine == "deepspeed":
+            raise InputError("--engine deepspeed: deepspeed is not installed") from None
+        return False
+    return True
+
+
+def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: bool, o: argparse.Namespace,
+              device: torch.device) -> GpuResult:
+    torch.manual_seed(0)
+    model = ViT(vit).to(device).train()
+    if compiled:  # the order of parallelize.py: (no recomputation here), compile, then the DeepSpeed wrap
+        for block in model.blocks:
+            block.compile()
+    batches = _batches(vit, batch, device)
+    if use_ds:
+        engine = build_engine(model, _pretrain_slice(batch, 1, o.stage, o.precision, device.type == "cuda"), 1)
+
+        def step() -> None:
+            train_step(engine, batches)
+    else:
+        fused = {"fused": True} if device.type == "cuda" else {}
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, **fused)
+        x, y = next(batches)
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n, seconds = _timed(step, device, o.warmup + (2 if compiled else 0), seconds=o.seconds)
+    img_s = n * batch / seconds
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return GpuResult("", batch, img_s, img_s * train_flops_per_image(vit) / 1e12, mem)
+
+
+def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: bool, o: argparse.Namespace,
+             device: torch.device) -> GpuResult:
+    """``_gpu_case``, halving the batch while it does not fit in the device's memory."""
+    while True:
+        try:
+            return _gpu_case(vit, batch, use_ds, compiled, o, device)
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            print(f"  (out of memory: retrying with batch {batch})", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def gpu_main(o: argparse.Namespace) -> int:
+    device = torch.device(o.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--gpu: no CUDA device visible (CUDA_VISIBLE_DEVICES, driver?)")
+    use_ds = _use_deepspeed(o.engine)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 bits (loss, norms) may use TF32
+    torch.backends.cudnn.allow_tf32 = True
+    if use_ds:
+        import deepspeed
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        init_distributed(use_gpu=device.type == "cuda")
+        what = (f"DeepSpeed {deepspeed.__version__} ZeRO-{o.stage}, {o.precision} weights with fp32 master "
+                f"copies, torch AdamW{' (fused)' if device.type == 'cuda' else ''}")
+    else:
+        what = f"PyTorch (DeepSpeed {'not installed' if o.engine == 'auto' else 'not used'}): fp32 weights, " \
+               f"{o.precision} autocast, fused AdamW"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = o.peak_tflops or detect_peak_tflops(device)
+    print(f"vitscale bench train --gpu: {name}, torch {torch.__version__}; engine: {what}")
+    print(f"MFU against {peak} TFLOP/s (bf16 dense peak)" if peak else "MFU: peak unknown (pass --peak-tflops)")
+    print(f"{'case':22s}{'batch':>6s}{'images/s':>10s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak mem GiB':>13s}")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[o.compile]
+    for case in o.cases.split(","):
+        variant, _, batch_text = case.strip().partition(":")
+        try:
+            vit = ViTConfig.from_variant(variant, num_classes=1000, img_size=o.img)
+            batch = int(batch_text or 64)
+        except ValueError as e:
+            raise InputError(f"--cases {case!r}: {e} (expected VARIANT:BATCH, e.g. L/16:128)") from None
+        for compiled in modes:
+            label = f"{variant}@{o.img}{' compiled' if compiled else ''}"
+            r = _fitting(vit, batch, use_ds, compiled, o, device)
+            mfu = f"{r.tflops / peak:7.1%}" if peak else f"{'-':>7s}"
+            print(f"{label:22s}{r.batch:6d}{r.img_s:10.1f}{r.tflops:9.1f}{mfu}{r.mem_gib:13.1f}", flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(argparse.Namespace(rest=sys.argv[1:])))
