@@ -280,16 +280,17 @@ class GpuResult:
     mem_gib: float
 
 
-def _use_deepspeed(engine: str) -> bool:
+def _use_deepspeed(engine: str) -> tuple[bool, str]:
+    """(use DeepSpeed?, why not). ``auto`` falls back to PyTorch when DeepSpeed is missing or broken."""
     if engine == "torch":
-        return False
+        return False, "not used"
     try:
         import deepspeed  # noqa: F401
-    except ImportError:
+    except Exception as e:  # noqa: BLE001 - an install without its CUDA pieces can fail in many ways
         if engine == "deepspeed":
-            raise InputError("--engine deepspeed: deepspeed is not installed") from None
-        return False
-    return True
+            raise InputError(f"--engine deepspeed: cannot import deepspeed: {e}") from None
+        return False, "not installed" if isinstance(e, ImportError) else f"unusable: {type(e).__name__}"
+    return True, ""
 
 
 def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: bool, o: argparse.Namespace,
@@ -345,7 +346,7 @@ def gpu_main(o: argparse.Namespace) -> int:
     device = torch.device(o.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--gpu: no CUDA device visible (CUDA_VISIBLE_DEVICES, driver?)")
-    use_ds = _use_deepspeed(o.engine)
+    use_ds, why_not = _use_deepspeed(o.engine)
     torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 bits (loss, norms) may use TF32
     torch.backends.cudnn.allow_tf32 = True
     if use_ds:
@@ -357,8 +358,8 @@ def gpu_main(o: argparse.Namespace) -> int:
         what = (f"DeepSpeed {deepspeed.__version__} ZeRO-{o.stage}, {o.precision} weights with fp32 master "
                 f"copies, torch AdamW{' (fused)' if device.type == 'cuda' else ''}")
     else:
-        what = f"PyTorch (DeepSpeed {'not installed' if o.engine == 'auto' else 'not used'}): fp32 weights, " \
-               f"{o.precision} autocast, fused AdamW"
+        what = (f"PyTorch (DeepSpeed {why_not}): fp32 weights, {o.precision} autocast, "
+                f"AdamW{' (fused)' if device.type == 'cuda' else ''}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = o.peak_tflops or detect_peak_tflops(device)
     print(f"vitscale bench train --gpu: {name}, torch {torch.__version__}; engine: {what}")
