@@ -9,7 +9,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +19,6 @@ from pretrain.errors import InputError
 from pretrain.model import ViT, ViTConfig
 
 DEFAULT_CASES = ["S/16@224", "tiny/4@32"]
-
-
-@dataclass
-class Result:
-    case: str
-    ours: float  # images/s
-    timm: float
-
-    @property
-    def ratio(self) -> float:
-        return self.ours / self.timm
 
 
 def parse_case(case: str) -> ViTConfig:
@@ -86,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vitscale bench model", description=__doc__.splitlines()[0])
     ap.add_argument("cases", nargs="*", default=DEFAULT_CASES, help=f"VARIANT/PATCH@PIXELS (default: {' '.join(DEFAULT_CASES)})")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations per model")
-    ap.add_argument("--rounds", type=int, default=6, help="timed iterations per model, alternating (ours, timm, timm, ours, ...)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations per model")
+    ap.add_argument("--rounds", type=int, default=4, help="timed iterations per model, alternating (ours, timm, timm, ours, ...)")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on the CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return ap
@@ -111,6 +99,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'case':<14}{'ours img/s':>12}{'timm img/s':>12}{'ours/timm':>11}")
     for case, cfg in configs:
         ours, theirs = measure(cfg, opts.batch, opts.warmup, opts.rounds, dtype)
-        res = Result(case, ours, theirs)
-        print(f"{case:<14}{res.ours:>12.2f}{res.timm:>12.2f}{res.ratio:>10.2f}x", flush=True)
+        print(f"{case:<14}{ours:>12.2f}{theirs:>12.2f}{ours / theirs:>10.2f}x", flush=True)
     return 0
