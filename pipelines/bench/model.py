@@ -93,7 +93,9 @@ def main(args: argparse.Namespace) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     dtype = torch.bfloat16 if opts.precision == "bf16" else None
+    # Without AVX512-BF16/AMX, CPU bf16 matmuls are emulated and slower than fp32: say which CPU path ran.
     print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{opts.precision} autocast on the CPU, batch {opts.batch}, forward+backward, "
           f"{opts.warmup} warmup + {opts.rounds} timed iterations per model (median)")
     print(f"{'case':<14}{'ours img/s':>12}{'timm img/s':>12}{'ours/timm':>11}")
