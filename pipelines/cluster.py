@@ -14,7 +14,6 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    if ray_cfg.address is None:
-        ray.init(include_dashboard=False)  # a laptop run needs no dashboard port open
-    else:
-        ray.init(address=ray_cfg.address)
+    # Local Ray keeps its dashboard on 127.0.0.1 (Ray's default): Ray Train's controller asks it for
+    # actor state, and a run without it logs tracebacks.
+    ray.init(address=ray_cfg.address)
