@@ -77,6 +77,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--keep", type=int, default=2)
     ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--kill-rank", type=int, default=1)
     return ap.parse_args(argv)
@@ -87,7 +88,7 @@ def full_state(engine) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt = engine.optimizer
-    if opt.optimizer.state:
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and opt.optimizer.state:
         # DeepSpeed links the moments to the parameters lazily, after the first group's first step
         # (so a second group's links stay empty), and after a non-universal load only at the next
         # step: link them again before reading.
@@ -121,7 +122,7 @@ def eval_loss(engine) -> float:
 
     images, labels = batch(0, 0, 1, micro=32)
     with torch.no_grad():
-        return F.cross_entropy(engine(images), labels).item()
+        return F.cross_entropy(engine(images.to(engine.module.pos_embed.dtype)).float(), labels).item()
 
 
 def kill_halfway(engine, step_box: list, kill_at: int) -> None:
@@ -161,13 +162,14 @@ def main(argv=None) -> None:
     model = ViT(ViTConfig.from_variant("mu/4", img_size=16, num_classes=4))
     # As the pretraining engine builds it: DeepSpeed's AdamW (torch's) and LR schedule, two groups.
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9,
+              "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9, "bf16": {"enabled": args.bf16},
               "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.05, "torch_adam": True}},
               "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 20, "warmup_num_steps": 2}}}
     groups = [{"params": [p for p in model.parameters() if p.ndim > 1]},
               {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
 
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     ckpt = Checkpointer(args.root, keep=args.keep, rank=rank, world_size=world)
     state = ckpt.resume(engine)
     report: dict = {"resumed": None, "losses": {}, "eval": {}}
@@ -191,7 +193,7 @@ def main(argv=None) -> None:
         kill_halfway(engine, step_box, args.kill_at)
     for step in range(start + 1, args.steps + 1):
         x, y = batch(step, rank, world)
-        loss = F.cross_entropy(engine(x), y)
+        loss = F.cross_entropy(engine(x.to(dtype)).float(), y)
         engine.backward(loss)
         engine.step()
         report["losses"][step] = loss.item()
