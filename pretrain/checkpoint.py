@@ -14,8 +14,13 @@ Layout under ``root`` (``{workdir}/checkpoints``, a local or shared path, or an 
 
 Publishing: on a local or shared filesystem every rank writes into ``.partial/step_N`` and rank 0
 renames it to ``step_N`` after all ranks are done, so a checkpoint cut off by a crash is never
-under its final name. On object storage (no rename) the files go to ``step_N/`` directly and the
-``COMPLETE`` marker is written by rank 0 after a barrier; a directory without it is never chosen.
+under its final name. On object storage (no rename) each rank writes into a private local folder
+and uploads to ``step_N/``; rank 0 writes the ``COMPLETE`` marker after a barrier, and a folder
+without it is never chosen (the next save of that step, or pruning, deletes it).
+
+Another world size: the checkpoint is converted once (rank 0, ``ds_to_universal
+--inject_missing_state``) and loaded with DeepSpeed's ``load_universal``: parameters and optimizer
+moments are exact. Per-rank loader state cannot map 1:1; see ``Checkpointer._client_state``.
 
 Trust: our own files are read with ``torch.load(weights_only=True)`` or as JSON. DeepSpeed's
 files need full unpickling; each rank unpickles only files whose sha256 matches the manifest, and
