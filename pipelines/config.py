@@ -378,6 +378,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"transfer.lrs: need one or more positive learning rates, got {t.lrs}")
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"transfer.steps: must be >= 1, got {t.steps}")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise ConfigError(f"transfer.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if any(k < 1 for k in t.shots):
+        raise ConfigError(f"transfer.shots: each must be >= 1, got {t.shots}")
+    if t.batch % t.workers:
+        raise ConfigError(f"transfer.batch: {t.batch} is not divisible by transfer.workers ({t.workers})")
     if not p.fewshot.every >= 1:
         raise ConfigError(f"pretrain.fewshot.every: must be >= 1, got {p.fewshot.every}")
     assert name in VARIANTS
