@@ -23,11 +23,19 @@ from pretrain.tracking import Tracker
 RESOLVED_CONFIG = "config.resolved.yaml"
 
 
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """A local path made absolute; URLs, ``pipe:`` commands and None unchanged."""
+    if path is None or "://" in path or path.startswith("pipe:"):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 def resolved_config(cfg: Config) -> dict:
-    """The whole config as a dict with a local workdir made absolute (Ray workers run elsewhere)."""
+    """The whole config as a dict with local paths made absolute (Ray workers may run elsewhere)."""
     data = to_dict(cfg)
-    if "://" not in cfg.workdir:
-        data["workdir"] = str(Path(cfg.workdir).expanduser().resolve())
+    data["workdir"] = _absolute(cfg.workdir)
+    data["pretrain"]["shards"] = _absolute(cfg.pretrain.shards)
+    data["transfer"]["data_root"] = _absolute(cfg.transfer.data_root)
     return data
 
 

@@ -83,6 +83,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except InputError as e:
         print(f"pretrain.launch: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # this process's launcher owns nothing else: leave the group cleanly
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"[pretrain] done at step {result['step']}; export in {result['export_dir']}", flush=True)
     return 0

@@ -44,6 +44,7 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
         vit = vit_config(m, num_classes)
         torch.manual_seed(seed)  # the same initial weights on every rank and under every launcher
         model = ViT(vit)
+        torch.manual_seed(seed + 1 + rank)  # but each rank its own dropout / drop-path draws
         log = MetricsLog(workdir, rank, tracker, p.steps)
         log.say(f"{num_params(model) / 1e6:.2f} M params, {num_classes} classes, {world} ranks, "
                 f"ZeRO {p.zero_stage}, {p.precision}")

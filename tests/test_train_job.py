@@ -157,3 +157,19 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_mlflow_run_is_failed(sha
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.params["pretrain.lr"] == "1e+30"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
+
+
+def test_resolved_config_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = replace(load_config("local"), **{"workdir": "runs/x", "pretrain.shards": "data/{000000..000003}.tar",
+                                            "transfer.data_root": "s3://bucket/datasets"})
+    path = Path(write_resolved_config(cfg))
+    assert path == tmp_path / "runs" / "x" / "config.resolved.yaml"
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    assert data["workdir"] == str(tmp_path / "runs" / "x")
+    assert data["pretrain"]["shards"] == str(tmp_path / "data" / "{000000..000003}.tar")
+    assert data["transfer"]["data_root"] == "s3://bucket/datasets"
+    assert replace(cfg, **{"workdir": data["workdir"], "pretrain.shards": data["pretrain"]["shards"]}) == \
+        load_config(str(path))  # the file is a complete config vitscale itself reads back
