@@ -101,3 +101,14 @@ def test_compare_scratch_adds_rows_and_a_single_lr_skips_selection(tmp_path, ray
     nested = _nested(cfg, run_id)
     assert sorted((r.data.tags["vitscale.init"], r.data.tags["vitscale.phase"]) for r in nested) == [
         ("pretrained", "final"), ("scratch", "final")]
+
+
+@pytest.mark.timeout(300)
+def test_frozen_modes_skip_fine_tuning(tmp_path, ray_local):
+    cfg = _config(tmp_path, _export(tmp_path / "export", "mu/4", 16), mode="fewshot", shots=[2],
+                  compare_scratch=False)
+    result = run_transfer(cfg)  # no MLflow run given: nothing is logged, the report is still written
+    (row,) = result["rows"]
+    assert row["finetune"] is None and row["linear"] is not None and set(row["fewshot"]) == {"2shot"}
+    assert [t["kind"] for t in result["timings"]] == ["probe"]
+    assert "| digits | — | — |" in open(result["report"]).read()
