@@ -218,11 +218,12 @@ def _folder_spec(path: Path) -> DatasetSpec:
                        test_fraction=None if split else 0.2)
 
 
-def _read_shards(tars: list[Path]) -> FileImages:
+@functools.lru_cache(maxsize=4)  # a job loads several splits of the same shards; read them once
+def _read_shards(tars: tuple[str, ...]) -> FileImages:
     import webdataset as wds
 
     items, labels = [], []
-    for sample in wds.WebDataset([str(t) for t in tars], shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(list(tars), shardshuffle=False, empty_check=False):
         image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
         if image is None or "cls" not in sample:
             raise InputError(f"{sample.get('__url__', tars[0])}: sample {sample['__key__']} lacks an image or .cls")
@@ -236,14 +237,14 @@ def _shard_spec(path: Path) -> DatasetSpec:
     split = any((path / "train").glob("*.tar")) and any((path / "test").glob("*.tar"))
 
     def build(root: Path, part: str) -> Dataset:  # noqa: ARG001 - the path is the dataset
-        return _read_shards(sorted((path / part if split else path).glob("*.tar")))
+        return _read_shards(tuple(sorted(str(t) for t in (path / part if split else path).glob("*.tar"))))
 
     num_classes = None
     manifest = path / "manifest.json"
     if manifest.is_file():
         meta = json.loads(manifest.read_text())
-        names = meta.get("label_names") or meta.get("labels")
-        num_classes = len(names) if isinstance(names, list) and names else None
+        names = meta.get("label_names")
+        num_classes = meta.get("num_classes") or (len(names) if isinstance(names, list) and names else None)
     if num_classes is None:  # labels are 0..C-1: the largest one seen fixes C
         num_classes = 1 + max(max(build(path, p).labels, default=0) for p in (("train", "test") if split else ("all",)))
     return DatasetSpec(path.name, num_classes, 500, 0.1, str(path), build, test_fraction=None if split else 0.2)

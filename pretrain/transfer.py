@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from pretrain.downstream import dataset_spec, load_dataset
 from pretrain.errors import InputError
 from pretrain.evaluate import PAPER_MEAN, PAPER_STD, features, fewshot_from_features, linear_probe, normalize
-from pretrain.model import ViT, ViTConfig, resample_pos_embed
+from pretrain.model import ViT, resample_pos_embed
 
 MOMENTUM = 0.9
 

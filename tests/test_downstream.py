@@ -87,9 +87,9 @@ def test_shard_directory(tmp_path):
         with wds.TarWriter(str(tmp_path / split / "000000.tar")) as sink:
             for i in range(n):
                 sink.write({"__key__": f"000000_{i:06d}", "png": _png(1000 * len(split) + i), "cls": str(i % 3)})
-    (tmp_path / "manifest.json").write_text(json.dumps({"label_names": ["a", "b", "c"]}))
-    spec = dataset_spec(str(tmp_path))
-    assert spec.num_classes == 3
+    assert dataset_spec(str(tmp_path)).num_classes == 3  # no manifest: the largest label + 1
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 4, "label_names": ["a", "b", "c", "d"]}))
+    assert dataset_spec(str(tmp_path)).num_classes == 4  # the shard stage's manifest knows unused classes
     test = load_dataset(str(tmp_path), "test", 8)
     assert len(test) == 4 and [test[i][1] for i in range(4)] == [0, 1, 2, 0]
     dev, test_h = load_dataset(str(tmp_path), "dev", 8), _hashes(test)
