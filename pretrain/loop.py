@@ -61,9 +61,9 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
             num_workers=p.loader_workers, state=state.get("loader") if state else None,
             num_classes=num_classes, pin_memory=p.use_gpu)
         batches = iter(loader)
+        fewshot = FewshotProbe(p.fewshot, m.img_size, data_root, seed, p.augment) if p.fewshot.datasets else None
         meter = Meter(train_flops_per_image(vit, m.act_checkpoint), world,
                       p.peak_tflops or detect_peak_tflops(info.device))
-        fewshot = FewshotProbe(p.fewshot, m.img_size, data_root, seed, p.augment) if p.fewshot.datasets else None
         metrics: dict[str, float] = {}
         losses: list[torch.Tensor] = []
         while step < p.steps:
@@ -77,9 +77,11 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
                 log.write(step, metrics)
                 losses = []
             if fewshot and (step % p.fewshot.every == 0 or step == p.steps):
-                log.write(step, fewshot.evaluate(engine, rank))
+                with meter.excluded():
+                    log.write(step, fewshot.evaluate(engine, rank))
             if step % p.checkpoint_every == 0 or step == p.steps:
-                ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state()})
+                with meter.excluded():
+                    ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state()})
         export_dir = _export(engine, vit, p, workdir, step, rank)
         return {"step": step, "metrics": metrics, "checkpoint_dir": f"{workdir}/checkpoints",
                 "export_dir": export_dir}

@@ -6,10 +6,11 @@ when activations are recomputed. MFU = achieved model FLOP/s per device / the de
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -53,7 +54,17 @@ class Meter:
     def _reset(self) -> None:
         self.images = 0
         self.data_s = 0.0
+        self.excluded_s = 0.0
         self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpointing) does not count against training throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded_s += time.perf_counter() - start
 
     def add(self, images: int, data_s: float) -> None:
         """Record ``images`` trained on all ranks together and ``data_s`` seconds spent waiting for input."""
@@ -62,7 +73,7 @@ class Meter:
 
     def report(self) -> dict[str, float]:
         """Rates over the window since the last report, then start a new window."""
-        seconds = max(time.perf_counter() - self.start, 1e-9)
+        seconds = max(time.perf_counter() - self.start - self.excluded_s, 1e-9)
         img_s = self.images / seconds
         tflops = img_s * self.flops_per_image / self.world_size / 1e12  # per device
         out = {"img_per_s": img_s, "tflops_per_device": tflops, "data_wait_frac": min(self.data_s / seconds, 1.0)}
