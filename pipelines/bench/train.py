@@ -1,10 +1,11 @@
 """``vitscale bench train``: training throughput (images/s, TFLOP/s, MFU) and ZeRO model-state memory.
 
-CPU (default): N gloo ranks on this machine train VARIANT with DeepSpeed ZeRO-STAGE on random images,
-beside plain PyTorch (AdamW, bf16 autocast) in one process using every core; MFU is against the bf16
-matmul peak measured here. Then the model-state bytes per rank for ZeRO 0 to 3, measured after a
-backward pass (parameters, gradients, fp32 master copies, Adam moments, DeepSpeed's buffers), beside
-the ZeRO paper's formulas for mixed-precision Adam: 16P, 4P + 12P/N, 2P + 14P/N, 16P/N bytes.
+CPU (default): N gloo ranks of one thread each train VARIANT with DeepSpeed ZeRO-STAGE on random
+images, beside plain PyTorch (AdamW) on one thread: the ratio is DeepSpeed's per-rank overhead. MFU
+is against the single-core matmul rate measured here. Then the model-state bytes per rank for ZeRO 0
+to 3, measured after a backward pass (parameters, gradients, fp32 master copies, Adam moments,
+DeepSpeed's buffers), beside the ZeRO paper's formulas for mixed-precision Adam: 16P, 4P + 12P/N,
+2P + 14P/N, 16P/N bytes.
 
 GPU (``--gpu``): one process, one GPU, ViT-B/16 and L/16 in bf16 at 224 px, MFU against the card's
 bf16 dense peak (H100/H200 989, A100 312 TFLOP/s). Uses DeepSpeed when it is importable, else plain
@@ -53,11 +54,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--stage", type=int, choices=[0, 1, 2, 3], default=None,
                     help="ZeRO stage (CPU default 2; GPU default 1: one rank has nothing to partition)")
     ap.add_argument("--ranks", type=int, default=2, help="CPU mode: gloo processes")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                    help="timed runs (default: bf16 with --gpu; fp32 on CPUs, which mostly emulate bf16 slowly)")
     ap.add_argument("--steps", type=int, default=5, help="CPU mode: timed steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="CPU mode: skip the ZeRO memory table")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: detect)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak TFLOP/s for MFU (a GPU, or one core; default: detect / measure)")
     ap.add_argument("--gpu", action="store_true", help="single-GPU mode: B/16 and L/16 bf16 at 224 px")
     ap.add_argument("--cases", default=GPU_CASES, help=f"GPU mode: VARIANT:BATCH,... (default {GPU_CASES})")
     ap.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto")
@@ -68,6 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     o = ap.parse_args(argv)
     if o.stage is None:
         o.stage = 1 if o.gpu else 2
+    if o.precision is None:
+        o.precision = "bf16" if o.gpu else "fp32"
     return o
 
 
@@ -177,7 +181,7 @@ def _rank_main(rank: int, world: int, port: int, o: argparse.Namespace, results)
     """One gloo rank: the memory table's stages, then the timed run of ``o.stage``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(1)  # one core per rank: the CPU's stand-in for one device per rank
     info = init_distributed(use_gpu=False)
     vit = ViTConfig.from_variant(o.variant, num_classes=1000, img_size=o.img)
     if not o.no_memory:
@@ -192,8 +196,9 @@ def _rank_main(rank: int, world: int, port: int, o: argparse.Namespace, results)
 
 
 def _baseline(vit: ViTConfig, batch: int, precision: str, warmup: int, steps: int) -> float:
-    """Images/s of plain PyTorch in this process: fp32 weights, bf16 autocast, AdamW with the same groups."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    """Images/s of plain PyTorch in this process on one thread (as one rank has): fp32 weights (bf16
+    autocast if asked), AdamW with the same parameter groups, the same clipping."""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = ViT(vit).train()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
@@ -212,9 +217,9 @@ def _baseline(vit: ViTConfig, batch: int, precision: str, warmup: int, steps: in
 
 
 def cpu_matmul_peak_tflops(size: int = 1024, seconds: float = 1.0) -> float:
-    """The best matmul rate of this CPU with every core, bf16 or fp32 (CPUs without bf16 units emulate
-    it slowly): the 'peak' that CPU MFU is measured against."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    """The best single-thread matmul rate of this CPU, bf16 or fp32 (CPUs without bf16 units emulate it
+    slowly): the per-core 'peak' that CPU MFU is measured against."""
+    torch.set_num_threads(1)
     best = 0.0
     for dtype in (torch.bfloat16, torch.float32):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -239,18 +244,20 @@ def cpu_main(o: argparse.Namespace) -> int:
     while not results.empty():
         rows.append(results.get())
     speed = [r for r in rows if r[0] == "speed"]
-    ds_img_s = speed[0][2] / max(r[3] for r in speed)  # the slowest rank sets the pace
-    base_img_s = _baseline(vit, o.batch * o.ranks, o.precision, o.warmup, o.steps)
+    ds_img_s = speed[0][2] / max(r[3] for r in speed)  # all ranks together; the slowest sets the pace
+    base_img_s = _baseline(vit, o.batch, o.precision, o.warmup, o.steps)
 
     print(f"vitscale bench train: {o.variant} at {o.img} px ({num_params(ViT(vit)) / 1e6:.2f} M params, "
-          f"{flops / 1e9:.1f} GFLOP per training image), {o.precision}, micro-batch {o.batch} x {o.ranks} ranks, "
-          f"CPU with {os.cpu_count()} cores; MFU against the measured matmul peak {peak:.3f} TFLOP/s")
-    print(f"{'':34s}{'images/s':>10s}{'TFLOP/s':>10s}{'MFU':>8s}")
-    for name, img_s, devices in ((f"DeepSpeed ZeRO-{o.stage}, {o.ranks} gloo ranks", ds_img_s, o.ranks),
-                                 ("baseline: PyTorch, 1 process", base_img_s, 1)):
+          f"{flops / 1e9:.1f} GFLOP per training image), {o.precision}, micro-batch {o.batch}, CPU with "
+          f"{os.cpu_count()} cores; one thread per rank; MFU against the single-core matmul rate, "
+          f"{peak * 1e3:.1f} GFLOP/s")
+    print(f"{'':38s}{'images/s':>10s}{'GFLOP/s':>10s}{'MFU':>8s}")
+    for name, img_s in ((f"DeepSpeed ZeRO-{o.stage}, per rank of {o.ranks}", ds_img_s / o.ranks),
+                        ("baseline: PyTorch, 1 process", base_img_s)):
         tflops = img_s * flops / 1e12
-        print(f"{name:34s}{img_s:10.2f}{tflops:10.4f}{tflops / peak:8.1%}")
-    print(f"{'ratio':34s}{ds_img_s / base_img_s:10.2f}")
+        print(f"{name:38s}{img_s:10.2f}{tflops * 1e3:10.1f}{tflops / peak:8.1%}")
+    print(f"{'ratio (DeepSpeed overhead shows < 1)':38s}{ds_img_s / o.ranks / base_img_s:10.2f}")
+    print(f"all {o.ranks} ranks together: {ds_img_s:.2f} images/s")
     if not o.no_memory:
         _print_memory(vit, o.ranks, [r for r in rows if r[0] == "memory"])
     return 0
