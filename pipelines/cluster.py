@@ -14,6 +14,7 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Local Ray keeps its dashboard on 127.0.0.1 (Ray's default): Ray Train's controller asks it for
-    # actor state, and a run without it logs tracebacks.
-    ray.init(address=ray_cfg.address)
+    # null means a new local instance ("local"), never whatever /tmp/ray/ray_current_cluster or
+    # $RAY_ADDRESS point at. Local Ray keeps its dashboard on 127.0.0.1 (Ray's default): Ray Train's
+    # controller asks it for actor state, and a run without it logs tracebacks.
+    ray.init(address=ray_cfg.address or "local")

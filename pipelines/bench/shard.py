@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(None, [f"workdir={os.path.join(opts.dir, 'wd')}", f"shard.source={corpus}",
                              f"shard.samples_per_shard={opts.per_shard}", "shard.image_size=256",
                              "shard.resize_mode=keep_ratio", "shard.quality=95", "shard.download.threads=4"])
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     workers = sorted({1, min(2, cores), cores})
     warm_corpus = os.path.join(opts.dir, "warm_corpus")  # a small run first: workers start and import
     make_corpus(warm_corpus, 20 * cores, seed=opts.seed + 1)
