@@ -16,8 +16,9 @@ import torch
 
 from pretrain.model import ViTConfig, macs_per_image
 
-# Dense bf16 peak per device in TFLOP/s (no sparsity), by a substring of the CUDA device name.
-PEAK_TFLOPS: dict[str, float] = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Dense bf16 peak per device in TFLOP/s (no sparsity), by a substring of the CUDA device name; the first
+# match wins, so the PCIe card (lower clocks) comes before the SXM one.
+PEAK_TFLOPS: dict[str, float] = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 
 
 def train_flops_per_image(vit: ViTConfig, act_checkpoint: bool = False, img_size: Optional[int] = None) -> float:

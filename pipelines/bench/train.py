@@ -340,7 +340,7 @@ def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: bool, o: argpar
     while True:
         try:
             return _gpu_case(vit, batch, use_ds, compiled, o, device)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
             batch //= 2
