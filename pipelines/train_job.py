@@ -73,6 +73,7 @@ def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.cluster import ensure_ray
+    from pretrain.checkpoint import describe_resume
 
     p = cfg.pretrain
     ensure_ray(cfg.ray)
@@ -94,8 +95,10 @@ def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
     )
     try:
         result = trainer.fit().return_value
+        resumed = describe_resume({"resumed": result["resumed"]} if result.get("resumed") else None)
         driver.set_tags({"vitscale.pretrain.nodes": ",".join(result["nodes"]),
-                         "vitscale.pretrain.step": result["step"]})
+                         "vitscale.pretrain.step": result["step"], "vitscale.pretrain.resumed": resumed})
+        print(f"[vitscale] pretrain: {resumed}", flush=True)
     finally:
         driver.close(timeout_s=10.0)  # the params went out long ago; only the final tags may wait
     return result

@@ -55,6 +55,8 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
         step = state["step"] if state else 0
         if state and state.get("rng"):
             set_rng_state(state["rng"])
+        elif state:  # world size changed: no RNG state maps to this rank, so seed from where we are
+            torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + rank)
         loader = make_train_loader(
             urls, batch_size=p.micro_batch, rank=rank, world_size=world, seed=seed, img_size=m.img_size,
             augment=p.augment, label_key=p.label_key, shuffle_buffer=p.shuffle_buffer,
@@ -84,7 +86,7 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
                     ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state()})
         export_dir = _export(engine, vit, p, workdir, step, rank)
         return {"step": step, "metrics": metrics, "checkpoint_dir": f"{workdir}/checkpoints",
-                "export_dir": export_dir}
+                "export_dir": export_dir, "resumed": state.get("resumed") if state else None}
     finally:
         tracker.close()
 
