@@ -18,7 +18,7 @@ from pretrain.convert import timm_model_args, to_timm
 from pretrain.errors import InputError
 from pretrain.model import ViT, ViTConfig
 
-DEFAULT_CASES = ["S/16@224", "tiny/4@32"]
+DEFAULT_CASES = ["tiny/4@32", "S/16@224"]
 
 
 def parse_case(case: str) -> ViTConfig:
@@ -48,7 +48,8 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
     loss.backward()
 
 
-def measure(cfg: ViTConfig, batch: int, warmup: int, rounds: int, dtype: torch.dtype | None) -> tuple[float, float]:
+def measure(cfg: ViTConfig, batch: int, warmup: int, rounds: int, dtype: torch.dtype | None,
+            progress: str = "") -> tuple[float, float]:
     """Images/s of (ours, timm) from the median iteration time over ``rounds`` alternating rounds.
 
     Each round times one iteration of each model, and the order flips every round, so a burst of load
@@ -67,6 +68,9 @@ def measure(cfg: ViTConfig, batch: int, warmup: int, rounds: int, dtype: torch.d
             start = time.perf_counter()
             _step(models[i], x, y, dtype)
             seconds[i].append(time.perf_counter() - start)
+            if progress:  # a real-size model on a CPU takes minutes per iteration: show that it moves
+                print(f"  {progress} {('ours', 'timm')[i]} iteration {r + 1}/{rounds}: {seconds[i][-1]:.1f} s",
+                      file=sys.stderr, flush=True)
     return batch / statistics.median(seconds[0]), batch / statistics.median(seconds[1])
 
 
@@ -100,6 +104,6 @@ def main(args: argparse.Namespace) -> int:
           f"{opts.warmup} warmup + {opts.rounds} timed iterations per model (median)")
     print(f"{'case':<14}{'ours img/s':>12}{'timm img/s':>12}{'ours/timm':>11}")
     for case, cfg in configs:
-        ours, theirs = measure(cfg, opts.batch, opts.warmup, opts.rounds, dtype)
+        ours, theirs = measure(cfg, opts.batch, opts.warmup, opts.rounds, dtype, progress=case)
         print(f"{case:<14}{ours:>12.2f}{theirs:>12.2f}{ours / theirs:>10.2f}x", flush=True)
     return 0
