@@ -146,10 +146,11 @@ def test_exit_codes_of_a_stage(fake_stages, capsys):
 
 def test_bench_model_prints_ours_beside_timm(capsys):
     """The benchmark's plumbing on a debug-size model (its figures are not asserted: no timed tests)."""
-    argv = ["bench", "model", "mu/4@16", "--batch", "2", "--warmup", "0", "--rounds", "1", "--precision", "fp32"]
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "ours img/s" in out and "timm img/s" in out and "ours/timm" in out
-    row = next(line for line in out.splitlines() if line.startswith("mu/4@16"))
-    ours, theirs, ratio = row.split()[1:]
-    assert float(ours) > 0 and float(theirs) > 0 and ratio.endswith("x")
+    base = ["bench", "model", "mu/4@16", "--batch", "2", "--warmup", "0", "--precision", "fp32"]
+    for extra, iterations in ((["--rounds", "1"], "1"), (["--budget", "0"], "4")):
+        assert cli.main(base + extra) == 0
+        out = capsys.readouterr().out
+        assert "ours img/s" in out and "timm img/s" in out and "ours/timm" in out
+        row = next(line for line in out.splitlines() if line.startswith("mu/4@16"))
+        ours, theirs, ratio, rounds = row.split()[1:]
+        assert float(ours) > 0 and float(theirs) > 0 and ratio.endswith("x") and rounds == iterations

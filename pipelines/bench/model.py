@@ -6,6 +6,7 @@ autocast. One iteration is a forward pass, a cross-entropy loss and a backward p
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -48,38 +49,47 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
     loss.backward()
 
 
-def measure(cfg: ViTConfig, batch: int, warmup: int, rounds: int, dtype: torch.dtype | None,
-            progress: str = "") -> tuple[float, float]:
-    """Images/s of (ours, timm) from the median iteration time over ``rounds`` alternating rounds.
+def measure(cfg: ViTConfig, batch: int, warmup: int, rounds: int | None, budget_s: float,
+            dtype: torch.dtype | None, progress: str = "") -> tuple[float, float, int]:
+    """Images/s of (ours, timm) from the median iteration time over alternating rounds, and the rounds.
 
     Each round times one iteration of each model, and the order flips every round, so a burst of load
-    from another process lands on both; the median ignores the rounds it spoiled.
+    from another process lands on both; the median ignores the rounds it spoiled. ``rounds=None`` picks
+    enough rounds to fill about ``budget_s`` seconds (at least 4), as timed during the warmup.
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
     models = build_pair(cfg)
+    per_iteration = 0.0
     for model in models:
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):
+            start = time.perf_counter()
             _step(model, x, y, dtype)
+        per_iteration = max(per_iteration, time.perf_counter() - start)
+    if rounds is None:
+        rounds = min(max(4, math.ceil(budget_s / (2 * per_iteration))), 1000)
     seconds: tuple[list[float], list[float]] = ([], [])
     for r in range(rounds):
         for i in (0, 1) if r % 2 == 0 else (1, 0):
             start = time.perf_counter()
             _step(models[i], x, y, dtype)
             seconds[i].append(time.perf_counter() - start)
-            if progress:  # a real-size model on a CPU takes minutes per iteration: show that it moves
+            if progress and seconds[i][-1] > 5:  # real sizes take minutes per iteration on a CPU
                 print(f"  {progress} {('ours', 'timm')[i]} iteration {r + 1}/{rounds}: {seconds[i][-1]:.1f} s",
                       file=sys.stderr, flush=True)
-    return batch / statistics.median(seconds[0]), batch / statistics.median(seconds[1])
+    return batch / statistics.median(seconds[0]), batch / statistics.median(seconds[1]), rounds
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vitscale bench model", description=__doc__.splitlines()[0])
     ap.add_argument("cases", nargs="*", default=DEFAULT_CASES, help=f"VARIANT/PATCH@PIXELS (default: {' '.join(DEFAULT_CASES)})")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations per model")
-    ap.add_argument("--rounds", type=int, default=4, help="timed iterations per model, alternating (ours, timm, timm, ours, ...)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations per model (at least 1)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timed iterations per model, alternating (ours, timm, timm, ours, ...); default: --budget")
+    ap.add_argument("--budget", type=float, default=60.0,
+                    help="seconds of timed iterations per case when --rounds is not given (at least 4 rounds)")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on the CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return ap
@@ -101,9 +111,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{opts.precision} autocast on the CPU, batch {opts.batch}, forward+backward, "
-          f"{opts.warmup} warmup + {opts.rounds} timed iterations per model (median)")
-    print(f"{'case':<14}{'ours img/s':>12}{'timm img/s':>12}{'ours/timm':>11}")
+          f"{max(opts.warmup, 1)} warmup iteration(s), then the median of alternating timed iterations")
+    print(f"{'case':<14}{'ours img/s':>12}{'timm img/s':>12}{'ours/timm':>11}{'iterations':>12}")
     for case, cfg in configs:
-        ours, theirs = measure(cfg, opts.batch, opts.warmup, opts.rounds, dtype, progress=case)
-        print(f"{case:<14}{ours:>12.2f}{theirs:>12.2f}{ours / theirs:>10.2f}x", flush=True)
+        ours, theirs, rounds = measure(cfg, opts.batch, opts.warmup, opts.rounds, opts.budget, dtype, progress=case)
+        print(f"{case:<14}{ours:>12.2f}{theirs:>12.2f}{ours / theirs:>10.2f}x{rounds:>12}", flush=True)
     return 0
