@@ -41,6 +41,8 @@ def parse_variant(variant: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class ViTConfig:
+    """One ViT's shape and options; ``ViTConfig.from_variant("L/16", ...)`` fills the sizes from ``VARIANTS``."""
+
     width: int = 768
     depth: int = 12
     mlp: int = 3072
@@ -57,15 +59,18 @@ class ViTConfig:
 
     @classmethod
     def from_variant(cls, variant: str, **kwargs) -> "ViTConfig":
+        """The config of ``"NAME/PATCH"`` (e.g. ``"B/16"``), other fields from ``kwargs``."""
         name, patch = parse_variant(variant)
         return cls(**VARIANTS[name], patch=patch, **kwargs)
 
     @property
     def grid(self) -> int:
+        """Patches per side at ``img_size``."""
         return self.img_size // self.patch
 
     @property
     def num_tokens(self) -> int:
+        """Sequence length at ``img_size``: the patches, plus the class token when pooling by it."""
         return self.grid**2 + (1 if self.pool == "cls" else 0)
 
 
@@ -139,6 +144,8 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
+    """The paper's ViT: patch embedding, [class] token or average pooling, pre-norm blocks, head."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.img_size % cfg.patch:
@@ -194,6 +201,7 @@ class ViT(nn.Module):
         return self.pos_drop(x + pos)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final LayerNorm, shape (B, T, width)."""
         x = self.embed(x)
         for block in self.blocks:
             if self.cfg.act_checkpoint and self.training and torch.is_grad_enabled():
@@ -210,6 +218,7 @@ class ViT(nn.Module):
         return self.pool(self.forward_tokens(x))
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled features: the optional tanh pre-logits layer, then the linear head."""
         if self.pre_logits is not None:
             feats = torch.tanh(self.pre_logits(feats))
         return self.head(feats)
@@ -248,4 +257,5 @@ def resample_pos_embed(
 
 
 def num_params(model: nn.Module) -> int:
+    """Number of parameters (elements), e.g. 86.6M for B/16 with 1000 classes."""
     return sum(p.numel() for p in model.parameters())
