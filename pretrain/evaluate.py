@@ -11,7 +11,7 @@ paper's [-1, 1] range); float images are taken as already normalised.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,35 +47,31 @@ def _batches(images: Images, batch_size: int) -> Iterable[tuple[torch.Tensor, Op
 
 
 @torch.no_grad()
+def _map(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, images: Images, batch_size: int,
+         mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``fn`` over normalised batches in eval mode, concatenated on the CPU, plus the labels if any."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    outs, labels = [], []
+    for x, y in _batches(images, batch_size):
+        outs.append(fn(normalize(x, mean, std).to(param.device, param.dtype)).cpu())
+        if y is not None:
+            labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    return torch.cat(outs), (torch.cat(labels) if labels else None)
+
+
 def features(model: nn.Module, images: Images, batch_size: int = 256, mean: Sequence[float] = PAPER_MEAN,
              std: Sequence[float] = PAPER_STD) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Pooled pre-head features (N, width) in fp32 on the CPU, and the labels when ``images`` is a Dataset."""
-    was_training = model.training
-    model.eval()
-    param = next(model.parameters())
-    feats, labels = [], []
-    for x, y in _batches(images, batch_size):
-        feats.append(model.forward_features(normalize(x, mean, std).to(param.device, param.dtype)).float().cpu())
-        if y is not None:
-            labels.append(torch.as_tensor(y))
-    model.train(was_training)
-    return torch.cat(feats), (torch.cat(labels) if labels else None)
+    return _map(lambda x: model.forward_features(x).float(), model, images, batch_size, mean, std)
 
 
-@torch.no_grad()
 def predict(model: nn.Module, images: Images, batch_size: int = 256, mean: Sequence[float] = PAPER_MEAN,
-             std: Sequence[float] = PAPER_STD) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            std: Sequence[float] = PAPER_STD) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Predicted class ids (N,), and the labels when ``images`` is a Dataset."""
-    was_training = model.training
-    model.eval()
-    param = next(model.parameters())
-    preds, labels = [], []
-    for x, y in _batches(images, batch_size):
-        preds.append(model(normalize(x, mean, std).to(param.device, param.dtype)).argmax(dim=-1).cpu())
-        if y is not None:
-            labels.append(torch.as_tensor(y))
-    model.train(was_training)
-    return torch.cat(preds), (torch.cat(labels) if labels else None)
+    return _map(lambda x: model(x).argmax(dim=-1), model, images, batch_size, mean, std)
 
 
 def accuracy(logits_or_preds: torch.Tensor, labels: torch.Tensor) -> float:
