@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.cpu_bf16 import Linear
+
 # The paper's Table 1 (Ti and S from DeiT, g from Zhai et al. "Scaling Vision Transformers").
 VARIANTS: dict[str, dict[str, int]] = {
     "Ti": dict(width=192, depth=12, mlp=768, heads=3),
@@ -96,8 +98,8 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,8 +112,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,8 +161,8 @@ class ViT(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp, cfg.dropout, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.pre_logits = nn.Linear(D, cfg.representation_size) if cfg.representation_size else None
-        self.head = nn.Linear(cfg.representation_size or D, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.pre_logits = Linear(D, cfg.representation_size) if cfg.representation_size else None
+        self.head = Linear(cfg.representation_size or D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.reset_parameters()
 
     @torch.no_grad()

@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     # Without AVX512-BF16/AMX, CPU bf16 matmuls are emulated and slower than fp32: say which CPU path ran.
     print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{opts.precision} autocast on the CPU, batch {opts.batch}, forward+backward, "
+          f"{'bf16 autocast' if dtype else 'fp32, no autocast'} on the CPU, batch {opts.batch}, forward+backward, "
           f"{max(opts.warmup, 1)} warmup iteration(s), then the median of alternating timed iterations")
     print(f"{'case':<14}{'ours img/s':>12}{'timm img/s':>12}{'ours/timm':>11}{'iterations':>12}")
     for case, cfg in configs:
