@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipelines.fetch import noai_directive
-from pipelines.images import ImageSettings, Rejected, process, target_size
+from pipelines.images import ImageSettings, Rejected, _resize, process, target_size
 from shard_inputs import BAD_FILES, MAX_PIXELS, UNUSUAL_FILES, encode, exif_rotated_jpeg, jpeg, photo
 
 SETTINGS = ImageSettings(image_size=64, resize_mode="keep_ratio", quality=95, min_size=16, max_pixels=MAX_PIXELS)
@@ -99,7 +99,7 @@ def test_rgb_jpeg_within_size_keeps_its_bytes():
 
 
 def test_large_jpeg_is_downscaled_with_good_quality():
-    """Draft-mode decoding plus reduce-then-bicubic must stay close to a full-resolution Lanczos resize."""
+    """Draft-mode decoding plus the antialiased bicubic resize must stay close to a full-resolution Lanczos resize."""
     src = photo(5, (640, 480))
     data = encode(src, "JPEG", quality=95)
     out = process(data, ImageSettings(image_size=64))
@@ -109,6 +109,21 @@ def test_large_jpeg_is_downscaled_with_good_quality():
     got = np.asarray(decode(out.data), np.float64)
     psnr = 10 * np.log10(255 ** 2 / np.mean((got - reference) ** 2))
     assert psnr > 30, psnr
+
+
+@pytest.mark.parametrize("size,out,box", [
+    ((500, 375), (341, 256), None),  # the common web case: less than 2x, no DCT scaling helps
+    ((640, 430), (96, 64), None),  # a large factor
+    ((300, 200), (64, 64), (50, 0, 250, 200)),  # center_crop's box
+])
+def test_resize_is_pillows_bicubic(size, out, box):
+    """The torch resize stands in for Pillow's bicubic: the same picture within 2 grey levels."""
+    im = photo(7, size)
+    got = np.asarray(_resize(im, out, box), np.int16)
+    want = np.asarray(im.resize(out, Image.BICUBIC, box=box), np.int16)
+    assert got.shape == want.shape == (out[1], out[0], 3)
+    diff = np.abs(got - want)
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("mode,size,expected", [
