@@ -11,16 +11,16 @@ bf16, fp32) ``Linear`` is ``nn.Linear``.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@functools.cache
-def _native_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+# Read once: a plain constant is what torch.compile can trace without a cache wrapper in the way.
+try:
+    NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+except (AttributeError, RuntimeError):  # a build without oneDNN: its bf16 GEMM is the generic one
+    NATIVE_BF16 = False
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -59,7 +59,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) with the fast-layout backward where it pays."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not torch.is_grad_enabled() or _compute_dtype(x) != torch.bfloat16 or _native_bf16():
+        if x.device.type != "cpu" or not torch.is_grad_enabled() or _compute_dtype(x) != torch.bfloat16 or NATIVE_BF16:
             return super().forward(x)
         bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
         return _LinearFastLayout.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), bias)

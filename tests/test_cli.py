@@ -154,3 +154,15 @@ def test_bench_model_prints_ours_beside_timm(capsys):
         row = next(line for line in out.splitlines() if line.startswith("mu/4@16"))
         ours, theirs, ratio, rounds = row.split()[1:]
         assert float(ours) > 0 and float(theirs) > 0 and ratio.endswith("x") and rounds == iterations
+
+
+def test_bench_train_gpu_mode_plumbing_on_the_cpu(capsys):
+    """The ``--gpu`` table's code path, run on the CPU with a debug-size model (figures not asserted)."""
+    base = ["bench", "train", "--gpu", "--device", "cpu", "--engine", "torch", "--img", "16", "--seconds", "0.2",
+            "--warmup", "1", "--peak-tflops", "1"]
+    assert cli.main(base + ["--cases", "mu/4:2"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("mu/4@16"))
+    batch, img_s = row.split()[1:3]
+    assert batch == "2" and float(img_s) > 0
+    assert cli.main(base + ["--cases", "Q/4:2"]) == 2
+    assert "--cases 'Q/4:2'" in capsys.readouterr().err

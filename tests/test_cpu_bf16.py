@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.convert import timm_model_args, to_timm
-from pretrain.cpu_bf16 import Linear, _native_bf16
+from pretrain.cpu_bf16 import NATIVE_BF16, Linear
 from pretrain.model import ViT, ViTConfig
 
 
@@ -42,7 +42,7 @@ def test_used_exactly_where_bf16_matmuls_are_emulated():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).grad_fn is None
     assert fp32_fn != "_LinearFastLayoutBackward"
-    if _native_bf16():
+    if NATIVE_BF16:
         assert bf16_fn != "_LinearFastLayoutBackward"  # the CPU's own bf16 GEMM handles every layout
     else:
         assert bf16_fn == "_LinearFastLayoutBackward"

@@ -13,6 +13,7 @@ PyTorch, and says which. Needs only torch (and deepspeed), not the rest of the p
 
     python -m pipelines.bench.train --gpu                   # eager, about 2 minutes on an H100
     python -m pipelines.bench.train --gpu --compile both    # eager and torch.compile'd blocks
+    python -m pipelines.bench.train --gpu --compile all     # ... and the whole model compiled
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from pretrain.metrics import detect_peak_tflops, train_flops_per_image
 from pretrain.model import ViT, ViTConfig, num_params
 
 GPU_CASES = "B/16:256,L/16:128"  # variant:micro-batch; both fit an 80 GB card in bf16 without recomputation
+COMPILE_MODES = {"off": [None], "on": ["blocks"], "model": ["model"], "both": [None, "blocks"],
+                 "all": [None, "blocks", "model"]}
 ZERO_FORMULAS = {  # bytes per parameter for stage s on N ranks (Rajbhandari et al. 2020, Fig. 1, K = 12)
     0: ("16P", lambda n: 16.0),
     1: ("4P + 12P/N", lambda n: 4 + 12 / n),
@@ -63,8 +66,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--gpu", action="store_true", help="single-GPU mode: B/16 and L/16 bf16 at 224 px")
     ap.add_argument("--cases", default=GPU_CASES, help=f"GPU mode: VARIANT:BATCH,... (default {GPU_CASES})")
     ap.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto")
-    ap.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                    help="torch.compile each transformer block (one graph, reused by every block)")
+    ap.add_argument("--compile", choices=list(COMPILE_MODES), default="off",
+                    help="GPU mode: 'on' compiles each transformer block (one graph, reused by every block), "
+                         "'model' the whole model (the head and embedding fused too); 'both' = off + on, "
+                         "'all' = off + on + model")
     ap.add_argument("--seconds", type=float, default=15.0, help="GPU mode: timed seconds per case")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the GPU path on CPU, for tests
     o = ap.parse_args(argv)
@@ -300,13 +305,15 @@ def _use_deepspeed(engine: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: bool, o: argparse.Namespace,
+def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], o: argparse.Namespace,
               device: torch.device) -> GpuResult:
     torch.manual_seed(0)
     model = ViT(vit).to(device).train()
-    if compiled:  # the order of parallelize.py: (no recomputation here), compile, then the DeepSpeed wrap
+    if compiled == "blocks":  # the order of parallelize.py: (no recomputation here), compile, then the DeepSpeed wrap
         for block in model.blocks:
             block.compile()
+    elif compiled == "model":
+        model.compile()
     batches = _batches(vit, batch, device)
     if use_ds:
         engine = build_engine(model, _pretrain_slice(batch, 1, o.stage, o.precision, device.type == "cuda"), 1)
@@ -334,7 +341,7 @@ def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: bool, o: argpa
     return GpuResult("", batch, img_s, img_s * train_flops_per_image(vit) / 1e12, mem)
 
 
-def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: bool, o: argparse.Namespace,
+def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], o: argparse.Namespace,
              device: torch.device) -> GpuResult:
     """``_gpu_case``, halving the batch while it does not fit in the device's memory."""
     while True:
@@ -372,7 +379,7 @@ def gpu_main(o: argparse.Namespace) -> int:
     print(f"vitscale bench train --gpu: {name}, torch {torch.__version__}; engine: {what}")
     print(f"MFU against {peak} TFLOP/s (bf16 dense peak)" if peak else "MFU: peak unknown (pass --peak-tflops)")
     print(f"{'case':22s}{'batch':>6s}{'images/s':>10s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak mem GiB':>13s}")
-    modes = {"off": [False], "on": [True], "both": [False, True]}[o.compile]
+    modes = COMPILE_MODES[o.compile]
     for case in o.cases.split(","):
         variant, _, batch_text = case.strip().partition(":")
         try:
@@ -381,7 +388,7 @@ def gpu_main(o: argparse.Namespace) -> int:
         except ValueError as e:
             raise InputError(f"--cases {case!r}: {e} (expected VARIANT:BATCH, e.g. L/16:128)") from None
         for compiled in modes:
-            label = f"{variant}@{o.img}{' compiled' if compiled else ''}"
+            label = f"{variant}@{o.img}{f' compiled {compiled}' if compiled else ''}"
             r = _fitting(vit, batch, use_ds, compiled, o, device)
             mfu = f"{r.tflops / peak:7.1%}" if peak else f"{'-':>7s}"
             print(f"{label:22s}{r.batch:6d}{r.img_s:10.1f}{r.tflops:9.1f}{mfu}{r.mem_gib:13.1f}", flush=True)
