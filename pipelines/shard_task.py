@@ -21,6 +21,7 @@ from pipelines.config import DownloadConfig
 from pipelines.fetch import Fetcher, fetch_in_order, is_url, resolve
 from pipelines.images import ImageSettings, Rejected, process
 from pipelines.sources import Labels, Table, read_rows
+from pretrain.checkpoint import fsync_dir
 
 TAR_MTIME = 0  # fixed member metadata: reruns and other machines give the same bytes
 TAR_USER = "vitscale"
@@ -85,14 +86,6 @@ def write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) -> dict:
     """Write shard ``job.index`` and its stats file; return the stats."""
     import torch
@@ -146,7 +139,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, final)
-    _fsync_dir(ctx.out_dir)
+    fsync_dir(ctx.out_dir)
     total = len(rows)
     stats = {
         "shard": shard_name(job.index), "name": os.path.basename(final), "rows": [job.start, job.stop],

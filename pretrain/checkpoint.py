@@ -290,10 +290,10 @@ class Checkpointer:
             if os.path.exists(final):  # a refused or incomplete checkpoint of the same step
                 self._reject(name, "replaced by a new save of the same step")
             os.rename(stage, final)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             _write_durable(self._join(LATEST + ".tmp"), name.encode())
             os.replace(self._join(LATEST + ".tmp"), self._join(LATEST))
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         else:
             self.fs.pipe_file(self._join(name, MANIFEST), manifest)
             self.fs.pipe_file(self._join(name, MARKER), marker)
@@ -503,7 +503,7 @@ class Checkpointer:
             _write_durable(os.path.join(out, MARKER), marker)
             os.makedirs(self._join(UNIVERSAL), exist_ok=True)
             os.rename(out, final)
-            _fsync_dir(self._join(UNIVERSAL))
+            fsync_dir(self._join(UNIVERSAL))
         else:
             for rel in files:
                 self.fs.put_file(os.path.join(out, rel), self._join(sub, rel))
@@ -535,7 +535,8 @@ def _write_durable(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry is only safe once the directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
