@@ -207,7 +207,9 @@ def _jobs(num_rows: int, per_shard: int) -> list[ShardJob]:
 
 def _shard_task(ctx: TaskContext, job: ShardJob) -> dict:
     import ray
+    import torch
 
+    torch.set_num_threads(1)  # one task per CPU: intra-op threads in the resize would oversubscribe
     return write_shard(ctx, job, node_id=ray.get_runtime_context().get_node_id())
 
 

@@ -88,10 +88,8 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) -> dict:
     """Write shard ``job.index`` and its stats file; return the stats."""
-    import torch
     import webdataset as wds
 
-    torch.set_num_threads(1)  # one task per core: intra-op threads in the resize would oversubscribe
     t0, cpu0 = time.perf_counter(), time.process_time()
     for stale in temporaries(ctx.out_dir, job.index):  # from an attempt whose worker died
         os.remove(stale)
