@@ -82,6 +82,7 @@ class ModelConfig:
     dropout: float = 0.0
     drop_path: float = 0.0
     act_checkpoint: bool = False
+    compile: bool = False  # torch.compile each transformer block for pretraining (one graph, reused by all)
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"pretrain.augment.std: must be > 0, got {list(p.augment.std)}")
     if p.precision == "fp16" and not p.use_gpu:
         raise ConfigError("pretrain.precision: fp16 needs pretrain.use_gpu: true (use bf16 or fp32 on the CPU)")
+    if m.compile and p.zero_stage == 3:
+        raise ConfigError("model.compile: not with pretrain.zero_stage 3, whose parameter hooks break the compiled "
+                          "blocks into pieces (use zero_stage 0 to 2, or model.compile: false)")
     if not 0 <= m.dropout < 1 or not 0 <= m.drop_path < 1:
         raise ConfigError(f"model.dropout / model.drop_path: must be in [0, 1), got {m.dropout} / {m.drop_path}")
     from pretrain.model import VARIANTS, parse_variant  # noqa: PLC0415  (pretrain never imports us)

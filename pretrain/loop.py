@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.engine import build_engine, full_state_dict, grad_norm, init_distributed, train_step, vit_config
+from pretrain.engine import build_engine, compile_blocks, full_state_dict, grad_norm, init_distributed, train_step, vit_config
 from pretrain.fewshot_probe import FewshotProbe
 from pretrain.metrics import Meter, detect_peak_tflops, memory_stats, train_flops_per_image
 from pretrain.model import ViT, num_params
@@ -45,9 +45,11 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
         torch.manual_seed(seed)  # the same initial weights on every rank and under every launcher
         model = ViT(vit)
         torch.manual_seed(seed + 1 + rank)  # but each rank its own dropout / drop-path draws
+        if m.compile:
+            compile_blocks(model)
         log = MetricsLog(workdir, rank, tracker, p.steps)
         log.say(f"{num_params(model) / 1e6:.2f} M params, {num_classes} classes, {world} ranks, "
-                f"ZeRO {p.zero_stage}, {p.precision}")
+                f"ZeRO {p.zero_stage}, {p.precision}{', blocks compiled' if m.compile else ''}")
         engine = build_engine(model, p, world)
         ckpt = Checkpointer(root=f"{workdir}/checkpoints", keep=p.keep_checkpoints, rank=rank, world_size=world)
         state = ckpt.resume(engine)

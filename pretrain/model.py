@@ -124,8 +124,10 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch per sample."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    # A comparison instead of ``bernoulli_(1 - p)``: torch.compile traces ``p`` as a symbol here, so the
+    # blocks' different rates share one compiled graph (bernoulli_ would fix each rate: one graph per block).
+    keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) >= p
+    return x * (keep / (1 - p)).to(x.dtype)
 
 
 class Block(nn.Module):

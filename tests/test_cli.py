@@ -160,9 +160,13 @@ def test_bench_train_gpu_mode_plumbing_on_the_cpu(capsys):
     """The ``--gpu`` table's code path, run on the CPU with a debug-size model (figures not asserted)."""
     base = ["bench", "train", "--gpu", "--device", "cpu", "--engine", "torch", "--img", "16", "--seconds", "0.2",
             "--warmup", "1", "--peak-tflops", "1"]
-    assert cli.main(base + ["--cases", "mu/4:2"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("mu/4@16"))
-    batch, img_s = row.split()[1:3]
+    assert cli.main(base + ["--cases", "mu/4:2", "--attention", "math", "--profile", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("mu/4@16"))
+    batch, img_s = lines[row].split()[1:3]
     assert batch == "2" and float(img_s) > 0
+    # --profile: the time by kind under the row, then the top operators, matrix products among them
+    assert lines[row + 1].startswith("  CPU operator time per step") and "matmul" in lines[row + 1]
+    assert any(line.split()[3:5] == ["matmul", "aten::mm"] for line in lines[row + 2:row + 14])
     assert cli.main(base + ["--cases", "Q/4:2"]) == 2
     assert "--cases 'Q/4:2'" in capsys.readouterr().err

@@ -240,6 +240,11 @@ def test_value_checks_name_the_key(override, expected):
     assert expected in _bad(override)
 
 
+def test_compiled_blocks_are_refused_under_zero3():
+    assert "model.compile: not with pretrain.zero_stage 3" in _bad("model.compile=true", "pretrain.zero_stage=3")
+    load_config("local", ["model.compile=true", "pretrain.zero_stage=2"])  # stages 0 to 2 are fine
+
+
 @pytest.mark.parametrize("item,expected", [
     ("pretrain.steps", "expected key=value"),
     ("=5", "empty key"),

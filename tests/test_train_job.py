@@ -159,6 +159,23 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_mlflow_run_is_failed(sha
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
 
 
+@pytest.mark.timeout(300)
+def test_compiled_blocks_train_under_torchrun(shards, tmp_path):
+    """``model.compile`` on the real path: stochastic depth, ZeRO 2, bf16; the export is the eager model's."""
+    cfg = replace(train_config(tmp_path / "w", shards, stage=2), **{"model.compile": True, "model.drop_path": 0.1})
+    log = tmp_path / "torchrun.log"
+    assert start_torchrun(cfg, log).wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "ZeRO 2, bf16, blocks compiled" in log.read_text()
+    curve = loss_curve(cfg.workdir)
+    assert len(curve) == STEPS and np.mean(curve[-2:]) < 0.85 * curve[0], curve
+    import torch
+
+    from pretrain.convert import load_safetensors
+
+    model, _ = load_safetensors(Path(cfg.workdir) / "export")
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
+
+
 def test_resolved_config_makes_local_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = replace(load_config("local"), **{"workdir": "runs/x", "pretrain.shards": "data/{000000..000003}.tar",

@@ -14,10 +14,14 @@ PyTorch, and says which. Needs only torch (and deepspeed), not the rest of the p
     python -m pipelines.bench.train --gpu                   # eager, about 2 minutes on an H100
     python -m pipelines.bench.train --gpu --compile both    # eager and torch.compile'd blocks
     python -m pipelines.bench.train --gpu --compile all     # ... and the whole model compiled
+    python -m pipelines.bench.train --gpu --compile on --profile 3   # ... and where the device time goes
+
+``infra/bench-gpu.sh`` runs the sequence we measure a GPU machine with.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import os
@@ -27,12 +31,12 @@ import time
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.engine import build_engine, init_distributed, param_groups, train_step
+from pretrain.engine import build_engine, compile_blocks, init_distributed, param_groups, train_step
 from pretrain.errors import InputError
 from pretrain.metrics import detect_peak_tflops, train_flops_per_image
 from pretrain.model import ViT, ViTConfig, num_params
@@ -40,6 +44,14 @@ from pretrain.model import ViT, ViTConfig, num_params
 GPU_CASES = "B/16:256,L/16:128"  # variant:micro-batch; both fit an 80 GB card in bf16 without recomputation
 COMPILE_MODES = {"off": [None], "on": ["blocks"], "model": ["model"], "both": [None, "blocks"],
                  "all": [None, "blocks", "model"]}
+ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA kernels; auto = PyTorch's own choice
+# Device-time categories for --profile, matched in this order against the lower-cased kernel or op name.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),  # norm_kernel: the grad-norm reduction
+    ("compiled (Triton: norms, GELU, adds)", ("triton",)),
+)
 ZERO_FORMULAS = {  # bytes per parameter for stage s on N ranks (Rajbhandari et al. 2020, Fig. 1, K = 12)
     0: ("16P", lambda n: 16.0),
     1: ("4P + 12P/N", lambda n: 4 + 12 / n),
@@ -70,6 +82,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="GPU mode: 'on' compiles each transformer block (one graph, reused by every block), "
                          "'model' the whole model (the head and embedding fused too); 'both' = off + on, "
                          "'all' = off + on + model")
+    ap.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
+                    default="default", help="GPU mode: torch.compile's mode for --compile (max-autotune: minutes)")
+    ap.add_argument("--attention", choices=ATTENTION, default="auto",
+                    help="GPU mode: the scaled_dot_product_attention kernel (auto: PyTorch picks)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="GPU mode: after each case, profile STEPS steps and print where the device time goes")
     ap.add_argument("--seconds", type=float, default=15.0, help="GPU mode: timed seconds per case")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the GPU path on CPU, for tests
     o = ap.parse_args(argv)
@@ -290,6 +308,7 @@ class GpuResult:
     img_s: float
     tflops: float
     mem_gib: float
+    profile: list[str]  # --profile's table, printed under the case's row
 
 
 def _use_deepspeed(engine: str) -> tuple[bool, str]:
@@ -309,11 +328,11 @@ def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str],
               device: torch.device) -> GpuResult:
     torch.manual_seed(0)
     model = ViT(vit).to(device).train()
-    if compiled == "blocks":  # the order of parallelize.py: (no recomputation here), compile, then the DeepSpeed wrap
-        for block in model.blocks:
-            block.compile()
+    mode = None if o.compile_mode == "default" else o.compile_mode
+    if compiled == "blocks":  # as the pretraining loop does: compile, then the DeepSpeed wrap
+        compile_blocks(model, mode)
     elif compiled == "model":
-        model.compile()
+        model.compile(mode=mode)
     batches = _batches(vit, batch, device)
     if use_ds:
         engine = build_engine(model, _pretrain_slice(batch, 1, o.stage, o.precision, device.type == "cuda"), 1)
@@ -338,7 +357,40 @@ def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str],
     n, seconds = _timed(step, device, o.warmup + (2 if compiled else 0), seconds=o.seconds)
     img_s = n * batch / seconds
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return GpuResult("", batch, img_s, img_s * train_flops_per_image(vit) / 1e12, mem)
+    table = list(profile_table(step, device, o.profile)) if o.profile else []
+    return GpuResult("", batch, img_s, img_s * train_flops_per_image(vit) / 1e12, mem, table)
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_table(step: Callable[[], None], device: torch.device, steps: int, top: int = 12) -> Iterator[str]:
+    """Where ``steps`` steps spend their device time: by kind (matmul, attention, ...), then the ``top``
+    kernels. On a GPU these are the CUDA kernels; on the CPU (tests) the operators' own CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    if gpu:
+        times = {e.key: e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA}
+    else:  # operators only (aten::...): the Python-level ranges would count their children twice
+        times = {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::")}
+    total = sum(times.values()) or 1.0
+    kinds: dict[str, float] = {}
+    for name, us in times.items():
+        kinds[_kind(name)] = kinds.get(_kind(name), 0.0) + us
+    yield f"  {'GPU kernel' if gpu else 'CPU operator'} time per step {total / steps / 1e3:.1f} ms: " + ", ".join(
+        f"{kind} {us / total:.0%}" for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    for name, us in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        yield f"  {us / total:6.1%} {us / steps / 1e3:8.2f} ms  {_kind(name):10.10s} {name[:90]}"
 
 
 def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], o: argparse.Namespace,
@@ -354,6 +406,15 @@ def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], 
             print(f"  (out of memory: retrying with batch {batch})", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def _attention_kernel(name: str):
+    """A context that restricts scaled_dot_product_attention to one kernel (a fresh one per use)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH if name == "math" else getattr(SDPBackend, f"{name.upper()}_ATTENTION"))
 
 
 def gpu_main(o: argparse.Namespace) -> int:
@@ -378,6 +439,8 @@ def gpu_main(o: argparse.Namespace) -> int:
     peak = o.peak_tflops or detect_peak_tflops(device)
     print(f"vitscale bench train --gpu: {name}, torch {torch.__version__}; engine: {what}")
     print(f"MFU against {peak} TFLOP/s (bf16 dense peak)" if peak else "MFU: peak unknown (pass --peak-tflops)")
+    if o.compile != "off" or o.attention != "auto":
+        print(f"torch.compile mode: {o.compile_mode}; attention kernel: {o.attention}")
     print(f"{'case':22s}{'batch':>6s}{'images/s':>10s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak mem GiB':>13s}")
     modes = COMPILE_MODES[o.compile]
     for case in o.cases.split(","):
@@ -389,9 +452,12 @@ def gpu_main(o: argparse.Namespace) -> int:
             raise InputError(f"--cases {case!r}: {e} (expected VARIANT:BATCH, e.g. L/16:128)") from None
         for compiled in modes:
             label = f"{variant}@{o.img}{f' compiled {compiled}' if compiled else ''}"
-            r = _fitting(vit, batch, use_ds, compiled, o, device)
+            with _attention_kernel(o.attention):
+                r = _fitting(vit, batch, use_ds, compiled, o, device)
             mfu = f"{r.tflops / peak:7.1%}" if peak else f"{'-':>7s}"
             print(f"{label:22s}{r.batch:6d}{r.img_s:10.1f}{r.tflops:9.1f}{mfu}{r.mem_gib:13.1f}", flush=True)
+            for line in r.profile:
+                print(line, flush=True)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
