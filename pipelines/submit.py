@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 import yaml
 
@@ -39,6 +39,8 @@ EXCLUDE = (".venv", "venv", "runs", ".git", "__pycache__", ".pytest_cache", "mlr
 MAX_FILE_BYTES = 8 * 2**20  # bigger files are data or weights, which belong on shared storage
 CONNECT_TIMEOUT_S = 10.0
 STOP_WAIT_S = 60.0  # Ray sends SIGTERM, then SIGKILL after its own grace period
+AGENT_WAIT_S = 120.0  # how long a just-started head may answer "No available agent ... try again later"
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- what is shipped
@@ -145,6 +147,24 @@ def connect(address: Optional[str]):
 # --------------------------------------------------------------------------- submit
 
 
+def _via_agent(call: Callable[[], T]) -> T:
+    """``call()``, retried while the head has no job agent yet. A head's dashboard answers seconds
+    before the agent that starts jobs has registered (longer on a busy machine); meanwhile submit and
+    stop fail with "No available agent to submit job, please try again later", which we do."""
+    deadline, said = time.monotonic() + AGENT_WAIT_S, False
+    while True:
+        try:
+            return call()
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            if not said:
+                print("the cluster's job agent is not up yet; retrying for up to "
+                      f"{AGENT_WAIT_S:.0f} s", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2.0)
+
+
 def _stream_logs(client, job_id: str) -> None:
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -196,10 +216,10 @@ def submit_main(cfg: Config, args) -> int:
         for rel in skipped:
             print(f"not shipped (over {MAX_FILE_BYTES // 2**20} MiB): {rel}", file=sys.stderr)
         runtime_env = {"working_dir": tmp, "env_vars": env}
-        job_id = client.submit_job(
+        job_id = _via_agent(lambda: client.submit_job(
             entrypoint=entrypoint(stage), runtime_env=runtime_env, submission_id=submission_id,
             metadata={"vitscale.name": cfg.name, "vitscale.stage": stage},
-        )
+        ))
     print(f"submitted {job_id}: {entrypoint(stage)} on {address}", flush=True)
     if env:
         print(f"credentials passed as environment variables: {', '.join(sorted(env))}", flush=True)
@@ -274,6 +294,6 @@ def jobs_main(args) -> int:
         if info.status.is_terminal():
             print(f"{args.job_id} already ended: {info.status}")
         else:
-            client.stop_job(args.job_id)
+            _via_agent(lambda: client.stop_job(args.job_id))
             print(f"{args.job_id}: {_wait_status(client, args.job_id, STOP_WAIT_S)}")
     return 0

@@ -118,6 +118,13 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _head_logs(head: Head) -> str:
+    """The ends of the head's job-agent and job-head logs, for a failure message."""
+    logs = head.temp_dir / "session_latest" / "logs"
+    return "".join(f"\n--- {name}:\n{(logs / name).read_text(errors='replace')[-1500:]}"
+                   for name in ("dashboard_agent.log", "dashboard_JobHead.log") if (logs / name).is_file())
+
+
 def _vitscale(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "vitscale"), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
@@ -142,13 +149,13 @@ print("@@" + json.dumps(out))
 """
 
 
-def _cli_session(steps: list, env: dict) -> list[tuple[int, str]]:
+def _cli_session(steps: list, env: dict, head: Head) -> list[tuple[int, str]]:
     """Run ``vitscale`` argument lists (or Python snippets) one after another in ONE fresh process,
     whose environment holds the token from the start; each gives (exit code, output). One process
     instead of one per command: each start imports Ray again, seconds on a busy 2-core machine."""
     res = subprocess.run([sys.executable, "-c", _SESSION, json.dumps(steps)], env=env, capture_output=True,
                          text=True, timeout=240, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, res.stderr[-4000:] + _head_logs(head)
     result = next(line for line in res.stdout.splitlines() if line.startswith("@@"))
     return [tuple(step) for step in json.loads(result[2:])]
 
@@ -184,7 +191,7 @@ def test_submit_shard_job_then_status_logs_list(ray_head, tmp_path):
     secret = f"pw-{uuid.uuid4().hex}"
     env = dict(ray_head.env, MLFLOW_TRACKING_PASSWORD=secret, AWS_ACCESS_KEY_ID="AKIDTEST")
     res = _vitscale(["submit", str(cfg_path), "--address", ray_head.address, "--stage", "shard"], env)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:] + _head_logs(ray_head)
     job_id = next(w for w in res.stdout.split() if w.startswith("vitscale-subtest-shard-")).rstrip(":")
     assert f"job {job_id}: SUCCEEDED" in res.stdout
 
@@ -206,7 +213,7 @@ def test_submit_shard_job_then_status_logs_list(ray_head, tmp_path):
         ["jobs", "logs", job_id, "--address", ray_head.address],
         ["jobs", "logs", job_id, "--follow", "--address", ray_head.address],
         ["jobs", "list", "--address", ray_head.address],
-    ], env)
+    ], env, ray_head)
     assert all(rc == 0 for rc, _ in (status, logs, followed, listing)), (status, logs, followed, listing)
     assert "status:     SUCCEEDED" in status[1]
     assert "MLFLOW_TRACKING_PASSWORD" in status[1] and "AWS_ACCESS_KEY_ID" in status[1]
@@ -220,11 +227,12 @@ def test_no_wait_then_stop(ray_head):
     """A job that would run for minutes (``sleep``, sent through the real client) stops on request."""
     env = dict(ray_head.env, RAY_ADDRESS=ray_head.address)  # jobs takes $RAY_ADDRESS without --address
     (submitted, job_id), stop, status = _cli_session([
-        "import os, ray.job_submission as j; "
-        "print(j.JobSubmissionClient(os.environ['RAY_ADDRESS']).submit_job(entrypoint='sleep 300'))",
+        # _via_agent: a head this young may not have its job agent yet (Ray: "try again later")
+        "import os, ray.job_submission as j; from pipelines.submit import _via_agent; "
+        "print(_via_agent(lambda: j.JobSubmissionClient(os.environ['RAY_ADDRESS']).submit_job(entrypoint='sleep 300')))",
         ["jobs", "stop", "{job}"],  # waits until the job has ended
         ["jobs", "status", "{job}"],
-    ], env)
+    ], env, ray_head)
     assert submitted == 0 and stop[0] == 0 and status[0] == 0, (job_id, stop, status)
     assert f"{job_id.strip()}: STOPPED" in stop[1]
     assert "status:     STOPPED" in status[1]
