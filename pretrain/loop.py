@@ -15,7 +15,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.engine import build_engine, compile_blocks, full_state_dict, grad_norm, init_distributed, train_step, vit_config
+from pretrain.engine import (build_engine, compile_blocks, full_state_dict, grad_norm, init_distributed, train_step,
+                             vit_config)
 from pretrain.fewshot_probe import FewshotProbe
 from pretrain.metrics import Meter, detect_peak_tflops, memory_stats, train_flops_per_image
 from pretrain.model import ViT, num_params
