@@ -386,7 +386,8 @@ def profile_table(step: Callable[[], None], device: torch.device, steps: int, to
     total = sum(times.values()) or 1.0
     kinds: dict[str, float] = {}
     for name, us in times.items():
-        kinds[_kind(name)] = kinds.get(_kind(name), 0.0) + us
+        kind = _kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + us
     yield f"  {'GPU kernel' if gpu else 'CPU operator'} time per step {total / steps / 1e3:.1f} ms: " + ", ".join(
         f"{kind} {us / total:.0%}" for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]))
     for name, us in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
