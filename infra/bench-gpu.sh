@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The single-GPU benchmark sequence behind the README's GPU figures (ViT-B/16 and L/16, bf16, 224 px).
 #
-#   infra/bench-gpu.sh [STEP ...]      # default: every step, about 9 minutes on one H100
+#   infra/bench-gpu.sh [STEP ...]      # default: every step; the steps' time limits add up to 11 minutes
 #
 # Needs only python3 with torch (and deepspeed for steps 1 and 2) on a machine with one CUDA GPU; run
 # from the repository root. Each step is its own process with its own time limit, so a step that runs
