@@ -220,9 +220,9 @@ def finetune(model: ViT, train_ds: Dataset, eval_ds: Dataset, job: FinetuneJob,
              on_log: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Fine-tune ``model`` (already prepared) with the protocol; returns on every rank
     ``{"accuracy", "loss", "loss_curve": [[step, loss], ...], "seconds", "world_size"}``."""
-    import deepspeed
+    from pretrain.engine import import_deepspeed, train_step
 
-    from pretrain.engine import train_step
+    deepspeed = import_deepspeed()
 
     info = ensure_process_group(job.use_gpu)
     torch.manual_seed(job.seed + info.rank)  # dropout / drop-path differ per rank, as in pretraining

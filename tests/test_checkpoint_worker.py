@@ -146,15 +146,16 @@ def kill_halfway(engine, step_box: list, kill_at: int) -> None:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    import deepspeed
     import torch
     import torch.nn.functional as F
 
     from pretrain.checkpoint import Checkpointer, rng_state, set_rng_state
+    from pretrain.engine import import_deepspeed
     from pretrain.model import ViT, ViTConfig
 
     if args.root.startswith("objstore://"):
         register_object_store()
+    deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)

@@ -3,8 +3,12 @@ launcher seam. The multi-process training itself is in test_train_job.py."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from pretrain.launch import Section, read_spec
 from pretrain.loop import _check_finite
 from pretrain.metrics import PEAK_TFLOPS, Meter, detect_peak_tflops, train_flops_per_image
 from pretrain.model import ViT, ViTConfig, macs_per_image
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_vit_b16_flops_match_published_17_6_gmacs():
@@ -158,3 +164,14 @@ def test_compiled_blocks_match_eager_share_one_graph_and_keep_names():
     for name, g in grads[0].items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    # A fresh interpreter: in this one pytest's other modules have imported mlflow already.
+    code = ("import sys; from pretrain.engine import import_deepspeed; ds = import_deepspeed(); "
+            "assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules, sorted(sys.modules); "
+            "from deepspeed.autotuning import autotuner; assert not autotuner.has_mlflow; "
+            "import mlflow; assert mlflow.MlflowClient; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -36,7 +36,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from pretrain.engine import build_engine, compile_blocks, init_distributed, param_groups, train_step
+from pretrain.engine import (build_engine, compile_blocks, import_deepspeed, init_distributed, param_groups,
+                             train_step)
 from pretrain.errors import InputError
 from pretrain.metrics import detect_peak_tflops, train_flops_per_image
 from pretrain.model import ViT, ViTConfig, num_params
@@ -316,7 +317,7 @@ def _use_deepspeed(engine: str) -> tuple[bool, str]:
     if engine == "torch":
         return False, "not used"
     try:
-        import deepspeed  # noqa: F401
+        import_deepspeed()
     except Exception as e:  # noqa: BLE001 - an install without its CUDA pieces can fail in many ways
         if engine == "deepspeed":
             raise InputError(f"--engine deepspeed: cannot import deepspeed: {e}") from None
