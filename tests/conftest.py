@@ -17,7 +17,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield ray
 
