@@ -1,14 +1,73 @@
 """Shared fixtures. One local Ray instance for the whole session (Ray starts in ~5 s; tests that need
-a multi-node ``ray.cluster_utils.Cluster`` shut it down and the next user starts it again)."""
+a multi-node ``ray.cluster_utils.Cluster`` shut it down and the next user starts it again), and one
+S3 server (moto's, a real HTTP S3 API on 127.0.0.1) reached only through the standard variables."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Set before anything starts (Ray's workers and torchrun's ranks inherit the environment at their
+# start), the way a user points s3fs, boto3 and MLflow at MinIO or Ceph. The server itself starts
+# on first use (``s3_server``).
+S3_PORT = _free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+os.environ.update({"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "vitscale-test",
+                   "AWS_SECRET_ACCESS_KEY": "vitscale-test", "AWS_DEFAULT_REGION": "us-east-1"})
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on ``S3_ENDPOINT``, one for the whole test run; yields the endpoint."""
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    exe = Path(sys.executable).with_name("moto_server")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield S3_ENDPOINT
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A new empty bucket on the test S3 server; yields ``s3://NAME``."""
+    import s3fs
+
+    name = f"vitscale-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    yield f"s3://{name}"
 
 
 @pytest.fixture
