@@ -24,6 +24,7 @@ HANDLERS = {
     "bench": "pipelines.bench.{what}:main",
 }
 NEEDS_CONFIG = {"run", "shard", "pretrain", "transfer", "submit", "plan"}
+WRITES_WORKDIR = {"run", "shard", "pretrain", "transfer", "submit"}
 
 
 class NotBuilt(Exception):
@@ -116,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         target = HANDLERS[args.command].format(what=getattr(args, "what", ""))
         if args.command in NEEDS_CONFIG:
-            from pipelines.config import load_config
+            from pipelines.config import check_workdir, load_config
 
             overrides = list(args.overrides)
             if args.command == "shard" and args.source:
                 overrides.insert(0, f"shard.source={args.source}")
             cfg = load_config(args.config, overrides)  # bad config exits 2 before anything starts
+            if args.command in WRITES_WORKDIR:
+                check_workdir(cfg)
             rc = _resolve(target)(cfg, args)
         else:
             rc = _resolve(target)(args)

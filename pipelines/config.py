@@ -303,6 +303,17 @@ def replace(cfg: Config, **overrides: Any) -> Config:
 
 # --------------------------------------------------------------------------- validation
 
+PLACEHOLDER_BUCKET = "CHANGE-ME"  # the cluster presets' workdir until the user names a bucket
+
+
+def check_workdir(cfg: Config) -> None:
+    """Before a stage writes anything: the workdir is a real location, not the presets' placeholder.
+    (Printing a preset or planning with one needs no bucket, so this is not part of ``validate``.)"""
+    if PLACEHOLDER_BUCKET in cfg.workdir:
+        raise ConfigError(f"workdir: {cfg.workdir!r} still names the placeholder bucket {PLACEHOLDER_BUCKET}; "
+                          f"set yours, e.g. --set workdir=s3://my-bucket/{cfg.name} (credentials and endpoint "
+                          "come from AWS_* / AWS_ENDPOINT_URL, never from the config)")
+
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""

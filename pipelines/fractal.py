@@ -25,6 +25,8 @@ from PIL import Image
 from pipelines.config import BuiltinSourceConfig
 
 VERSION = 1  # bump when the images change for the same settings
+INDEX = "index.csv"
+MARKER = "fractal.json"  # written last: the set under this folder is complete
 MIN_FILL = 0.12  # fraction of pixels the attractor must cover (at 32 px) to be a class
 CHAINS = 256  # parallel chaos-game chains per image
 MAX_TRIES = 10_000
@@ -43,8 +45,8 @@ def class_name(index: int, classes: int) -> str:
 
 def generate(root: str, settings: BuiltinSourceConfig, seed: int) -> str:
     """Write the image set under ``root`` unless it is already there; return the index path."""
-    marker = os.path.join(root, "fractal.json")
-    index = os.path.join(root, "index.csv")
+    marker = os.path.join(root, MARKER)
+    index = os.path.join(root, INDEX)
     want = builtin_fingerprint(settings, seed)
     try:
         with open(marker) as f:

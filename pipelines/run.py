@@ -15,6 +15,7 @@ import yaml
 
 from pipelines.config import Config, flatten, to_dict
 from pipelines.tracking import client_for, stage_run, tracking_uri
+from pretrain import storage
 
 
 def _stages() -> list[tuple[str, Callable[[Config], bool], Callable[..., dict]]]:
@@ -72,8 +73,10 @@ def run_pipeline(cfg: Config, parent_run_id: Optional[str] = None) -> dict:
 
 def summary(cfg: Config) -> str:
     """Where everything is, the transfer table, and how to look at the runs."""
+    from pipelines.transfer_job import REPORT, report_dir
+
     work = cfg.workdir.rstrip("/")
-    report = Path(work) / "transfer" / "report.md"
+    report = storage.join(report_dir(cfg), REPORT)
     lines = [
         "",
         f"vitscale run '{cfg.name}' finished.",
@@ -82,8 +85,8 @@ def summary(cfg: Config) -> str:
         f"  report:      {report}",
         "",
     ]
-    if report.is_file():
-        lines += [report.read_text().rstrip(), ""]
+    if storage.isfile(report):
+        lines += [storage.read_text(report).rstrip(), ""]
     uri = tracking_uri(cfg.tracking, cfg.workdir)
     if uri.startswith("sqlite"):
         lines.append(f"  MLflow UI:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")

@@ -3,12 +3,14 @@
 Flow (the driver never holds index rows): hash the source and settings -> make the source's plan
 (parquet is read in place; other kinds are streamed into a plan parquet) -> cut rows into shards of
 ``samples_per_shard`` in index order -> run one task per missing shard, a bounded number in flight,
-each handed only its row range -> each task writes ``{N}.tar`` then ``{N}.stats.json`` -> the
-manifest. A rerun skips shards whose stats exist and clears temporaries; a finished directory (its
-manifest's hash matches) is returned as it is. Formats: DESIGN.md, "Data formats".
+each handed only its row range -> each task publishes ``{N}.tar``, then ``{N}.stats.json`` as its
+commit marker -> the manifest, last. A rerun skips shards whose stats exist and clears temporaries; a
+finished directory (its manifest's hash matches) is returned as it is. The output may be a local
+folder or an object-storage prefix (``s3://...``): ``pretrain.storage`` publishes either way.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,9 +22,9 @@ from typing import Iterable, Optional
 
 from pipelines.config import Config, ShardConfig
 from pipelines.images import ImageSettings
-from pipelines.shard_task import (ShardJob, TaskContext, stats_path, tar_path, temporaries, write_json_atomic,
-                                  write_shard)
+from pipelines.shard_task import ShardJob, TaskContext, stats_name, stats_path, tar_path, temporaries, write_shard
 from pipelines.sources import Plan, Table, fingerprint, plan_source, source_kind
+from pretrain import storage
 from pretrain.errors import InputError
 
 FORMAT = "vitscale-shards/1"
@@ -36,11 +38,11 @@ LOG_EVERY_S = 10.0
 
 
 def shard_dir(cfg: Config, out_dir: Optional[str] = None) -> str:
-    return out_dir or os.path.join(cfg.workdir, "shards")
+    return storage.absolute(out_dir or storage.join(cfg.workdir, "shards"))
 
 
 def builtin_root(cfg: Config, name: str) -> str:
-    return os.path.join(cfg.workdir, "source", name)
+    return storage.join(cfg.workdir, "source", name)
 
 
 def settings_dict(shard: ShardConfig) -> dict:
@@ -74,21 +76,14 @@ def stage_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def shards_complete(cfg: Config, out_dir: Optional[str] = None) -> bool:
     """True when the manifest exists, matches this config's source and settings, and its shards are there."""
     out = shard_dir(cfg, out_dir)
-    manifest = _read_json(os.path.join(out, MANIFEST))
+    manifest = storage.read_json_or_none(storage.join(out, MANIFEST))
     if not manifest or manifest.get("hash") != stage_hash(cfg):
         return False
-    return all(os.path.isfile(os.path.join(out, s["name"])) for s in manifest["shards"])
+    present = set(storage.listdir(out))  # one listing, not a request per shard
+    return all(s["name"] in present for s in manifest["shards"])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -97,15 +92,17 @@ def shards_complete(cfg: Config, out_dir: Optional[str] = None) -> bool:
 def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional[str] = None) -> dict:
     """Make (or finish) the shards of ``cfg.shard.source`` under ``out_dir`` (default ``{workdir}/shards``)
     and return the manifest. Stage metrics go to the MLflow run ``run_id`` when given."""
-    out = _local_dir(shard_dir(cfg, out_dir))
+    out = shard_dir(cfg, out_dir)
+    storage.makedirs(out)
     digest = stage_hash(cfg)
-    manifest = _read_json(os.path.join(out, MANIFEST))
+    manifest = storage.read_json_or_none(storage.join(out, MANIFEST))
     if manifest and manifest.get("hash") == digest and shards_complete(cfg, out):
         _say(f"shard: {out} is complete ({manifest['totals']['ok']} images in "
              f"{manifest['totals']['shards']} shards); nothing to do")
         return manifest
     plan, jobs = plan_stage(cfg, out, digest)
-    todo = [j for j in jobs if not os.path.isfile(stats_path(out, j.index))]
+    present = set(storage.listdir(out))
+    todo = [j for j in jobs if stats_name(j.index) not in present]
     _say(f"shard: {cfg.shard.source} -> {out}: {plan.num_rows} rows, {len(jobs)} shards "
          f"({len(jobs) - len(todo)} already done), {len(plan.label_names)} classes")
     ctx = TaskContext(plan.table, plan.label_names, ImageSettings.from_config(cfg.shard), cfg.shard.download, out)
@@ -120,10 +117,10 @@ def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional
         raise RuntimeError(f"shard: {len(errors)} of {len(todo)} shards failed ({lines}); "
                            "rerun the stage to redo just those")
     manifest = build_manifest(cfg, out, plan, jobs, digest)
-    write_json_atomic(os.path.join(out, MANIFEST), manifest)
-    shutil.rmtree(os.path.join(out, PLAN_DIR), ignore_errors=True)
+    storage.write_json(storage.join(out, MANIFEST), manifest)  # last: the dataset is complete
+    storage.remove(storage.join(out, PLAN_DIR), recursive=True)
     _log_metrics(tracker, written, seconds, len(jobs) - len(todo), manifest)
-    tracker.artifact(os.path.join(out, MANIFEST))
+    tracker.artifact_json(MANIFEST, manifest)
     t = manifest["totals"]
     _say(f"shard: done: {t['ok']} images ok, {t['failed']} failed, {t['shards']} shards, "
          f"{t['bytes'] / 1e6:.1f} MB in {out}")
@@ -137,16 +134,8 @@ def plan_stage(cfg: Config, out: str, digest: str) -> tuple[Plan, list[ShardJob]
     for stale in temporaries(out):
         os.remove(stale)
     index = _prepare_source(cfg)
-    plan = _load_or_make_plan(index, cfg.shard, os.path.join(out, PLAN_DIR), digest)
+    plan = _load_or_make_plan(index, cfg.shard, storage.join(out, PLAN_DIR), digest)
     return plan, _jobs(plan.num_rows, cfg.shard.samples_per_shard)
-
-
-def _local_dir(out: str) -> str:
-    if "://" in out and not out.startswith("file://"):
-        raise InputError(f"shard output {out}: must be a local or mounted folder (shards are renamed into place)")
-    out = out.removeprefix("file://")
-    os.makedirs(out, exist_ok=True)
-    return out
 
 
 def _say(line: str) -> None:
@@ -156,19 +145,25 @@ def _say(line: str) -> None:
 def _claim(out: str, digest: str) -> None:
     """Mark ``out`` as holding this run's shards; shards made from another source or other settings
     (an earlier marker with another hash) are removed first, since their stats would read as done."""
-    os.makedirs(out, exist_ok=True)
-    marker = os.path.join(out, MARKER)
-    previous = _read_json(marker)
+    storage.makedirs(out)
+    marker = storage.join(out, MARKER)
+    previous = storage.read_json_or_none(marker)
+    names = storage.listdir(out)
     if previous and previous.get("hash") != digest:
         _say(f"shard: {out} holds shards of another source or settings; replacing them")
-        for name in os.listdir(out):
+        storage.remove(storage.join(out, MANIFEST))  # first: the folder stops reading as a dataset
+        for name in names:
             stem = name.split(".", 1)[0]
-            if (stem.isdigit() and name.endswith((".tar", ".stats.json"))) or name == MANIFEST:
-                os.remove(os.path.join(out, name))
-        shutil.rmtree(os.path.join(out, PLAN_DIR), ignore_errors=True)
-    elif previous is None and any(n.endswith(".stats.json") for n in os.listdir(out)):
+            if stem.isdigit() and name.endswith(".stats.json"):
+                storage.remove(storage.join(out, name))
+        for name in names:
+            stem = name.split(".", 1)[0]
+            if stem.isdigit() and name.endswith(".tar"):
+                storage.remove(storage.join(out, name))
+        storage.remove(storage.join(out, PLAN_DIR), recursive=True)
+    elif previous is None and any(n.endswith(".stats.json") for n in names):
         raise InputError(f"shard output {out}: holds shard files this stage did not write; use another folder")
-    write_json_atomic(marker, {"hash": digest, "format": FORMAT})
+    storage.write_json(marker, {"hash": digest, "format": FORMAT})
 
 
 def _prepare_source(cfg: Config) -> str:
@@ -179,24 +174,60 @@ def _prepare_source(cfg: Config) -> str:
     from pipelines.fractal import generate
 
     name = _builtin_name(source)
+    root = builtin_root(cfg, name)
     t0 = time.perf_counter()
-    index = generate(builtin_root(cfg, name), cfg.shard.builtin, cfg.seed)
+    if storage.is_remote(root):
+        index = _generate_remote(root, cfg)
+    else:
+        index = generate(root, cfg.shard.builtin, cfg.seed)
     _say(f"shard: {source}: {cfg.shard.builtin.classes} classes x {cfg.shard.builtin.images_per_class} "
-         f"images at {builtin_root(cfg, name)} ({time.perf_counter() - t0:.1f} s)")
+         f"images at {root} ({time.perf_counter() - t0:.1f} s)")
+    return index
+
+
+def _generate_remote(root: str, cfg: Config) -> str:
+    """The built-in set on object storage, where every node's shard tasks can read it: generated in
+    local scratch, uploaded, its marker last (an upload cut off is redone, never used)."""
+    from pipelines.fractal import INDEX, MARKER as DONE, builtin_fingerprint, generate
+
+    want = builtin_fingerprint(cfg.shard.builtin, cfg.seed)
+    index = storage.join(root, INDEX)
+    if storage.read_json_or_none(storage.join(root, DONE)) == want and storage.exists(index):
+        return index
+    key = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
+    local = os.path.join(storage.scratch_root(), "builtin", key)
+    generate(local, cfg.shard.builtin, cfg.seed)
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs)
+    storage.upload_many((os.path.join(local, rel), storage.join(root, *rel.split(os.sep)))
+                        for rel in files if rel != DONE)
+    storage.write_json(storage.join(root, DONE), want)
     return index
 
 
 def _load_or_make_plan(index: str, shard: ShardConfig, plan_dir: str, digest: str) -> Plan:
-    """The plan of an interrupted run with the same hash is reused, so a rerun does not re-read the index."""
-    meta_path = os.path.join(plan_dir, "plan.json")
-    meta = _read_json(meta_path)
-    if meta and meta.get("hash") == digest and os.path.isfile(meta["table"]["path"]):
+    """The plan of an interrupted run with the same hash is reused, so a rerun does not re-read the index.
+
+    It lives beside the shards (``.plan/``), where every node's tasks can read it; on object storage
+    it is made in local scratch and uploaded."""
+    meta_path = storage.join(plan_dir, "plan.json")
+    meta = storage.read_json_or_none(meta_path)
+    if meta and meta.get("hash") == digest and storage.isfile(meta["table"]["path"]):
         return Plan(Table(**meta["table"]), meta["num_rows"], meta["label_names"])
-    shutil.rmtree(plan_dir, ignore_errors=True)
-    plan = plan_source(index, shard, plan_dir)
-    os.makedirs(plan_dir, exist_ok=True)
-    write_json_atomic(meta_path, {"hash": digest, "table": plan.table.__dict__, "num_rows": plan.num_rows,
-                                  "label_names": plan.label_names})
+    storage.remove(plan_dir, recursive=True)
+    remote = storage.is_remote(plan_dir)
+    local_dir = storage.scratch_dir("plan") if remote else plan_dir
+    try:
+        plan = plan_source(index, shard, local_dir)
+        if remote and plan.table.path.startswith(local_dir):
+            table_url = storage.join(plan_dir, os.path.basename(plan.table.path))
+            storage.publish_file(plan.table.path, table_url)
+            plan = dataclasses.replace(plan, table=dataclasses.replace(plan.table, path=table_url))
+    finally:
+        if remote:
+            shutil.rmtree(local_dir, ignore_errors=True)
+    storage.makedirs(plan_dir)
+    storage.write_json(meta_path, {"hash": digest, "table": plan.table.__dict__, "num_rows": plan.num_rows,
+                                   "label_names": plan.label_names})
     return plan
 
 
@@ -306,7 +337,7 @@ def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], 
     """The dataset's manifest from the stats files (deterministic: no timings, no hosts)."""
     shards, totals, reasons = [], Counter(), Counter()
     for job in jobs:
-        stats = _read_json(stats_path(out, job.index))
+        stats = storage.read_json_or_none(stats_path(out, job.index))
         if stats is None:
             raise RuntimeError(f"shard: {stats_path(out, job.index)} is missing or unreadable")
         shards.append({"name": stats["name"], "samples": stats["ok"], "total": stats["total"],
@@ -344,9 +375,9 @@ class Tracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
-    def artifact(self, path: str) -> None:
+    def artifact_json(self, name: str, data: dict) -> None:
         if self.client is not None:
-            self.client.log_artifact(self.run_id, path)
+            self.client.log_dict(self.run_id, data, name)
 
 
 def _log_metrics(tracker: Tracker, written: list[dict], seconds: float, skipped: int,
@@ -379,5 +410,5 @@ def cli_main(cfg: Config, args) -> int:
         manifest = run_shard_stage(cfg, getattr(args, "out", None), run_id=run_id)
     out = shard_dir(cfg, getattr(args, "out", None))
     print(f"{manifest['totals']['ok']} images in {manifest['totals']['shards']} shards, "
-          f"{manifest['num_classes']} classes: {os.path.join(out, MANIFEST)}")
+          f"{manifest['num_classes']} classes: {storage.join(out, MANIFEST)}")
     return 0

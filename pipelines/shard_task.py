@@ -1,9 +1,11 @@
 """One shard: read its row range of the index, fetch and convert each image, write the tar.
 
-Crash safety: the tar is written under a hidden temporary name, fsynced and renamed into place, and
-only then is ``{N}.stats.json`` written (also by rename): a shard is complete exactly when its stats
-file exists, and a worker killed at any point leaves at most a temporary that the next attempt
-removes. Tar members carry fixed metadata, so the same rows give byte-identical tars.
+Crash safety: the tar is written to a temporary file (a hidden name beside the target on a
+filesystem; this node's scratch when the output is on object storage), fsynced, and published
+(renamed into place, or uploaded as one object); only then is ``{N}.stats.json`` written, as the
+commit marker. A shard is complete exactly when its stats file exists: a worker killed at any point
+leaves at most a temporary (removed by the next attempt) or a tar without stats (redone, never
+read). Tar members carry fixed metadata, so the same rows give byte-identical tars.
 """
 from __future__ import annotations
 
@@ -12,16 +14,15 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from pipelines.config import DownloadConfig
 from pipelines.fetch import Fetcher, fetch_in_order, is_url, resolve
 from pipelines.images import ImageSettings, Rejected, process
 from pipelines.sources import Labels, Table, read_rows
-from pretrain.checkpoint import fsync_dir
+from pretrain import storage
 
 TAR_MTIME = 0  # fixed member metadata: reruns and other machines give the same bytes
 TAR_USER = "vitscale"
@@ -49,18 +50,34 @@ def shard_name(index: int) -> str:
     return f"{index:06d}"
 
 
+def stats_name(index: int) -> str:
+    return f"{shard_name(index)}.stats.json"
+
+
 def stats_path(out_dir: str, index: int) -> str:
-    return os.path.join(out_dir, f"{shard_name(index)}.stats.json")
+    return storage.join(out_dir, stats_name(index))
 
 
 def tar_path(out_dir: str, index: int) -> str:
-    return os.path.join(out_dir, f"{shard_name(index)}.tar")
+    return storage.join(out_dir, f"{shard_name(index)}.tar")
+
+
+def _staging_dir(out_dir: str) -> str:
+    """Where a task writes its tar before publishing: beside the target on a filesystem (a rename
+    then publishes it), this node's scratch for object storage (one per output, so that the next
+    attempt on this node finds and removes a killed attempt's file)."""
+    if not storage.is_remote(out_dir):
+        return storage.local_path(out_dir)
+    key = hashlib.sha256(out_dir.encode()).hexdigest()[:16]
+    folder = os.path.join(storage.scratch_root(), "shards", key)
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def temporaries(out_dir: str, index: Optional[int] = None) -> list[str]:
-    """Leftovers of interrupted writes (all of them, or one shard's)."""
+    """Leftovers of interrupted writes on this node (all of them, or one shard's)."""
     name = shard_name(index) if index is not None else "*"
-    return glob.glob(os.path.join(out_dir, f".{name}.*.tmp"))
+    return glob.glob(os.path.join(_staging_dir(out_dir), f".{name}.*{storage.TMP_SUFFIX}"))
 
 
 class _HashingSink:
@@ -77,15 +94,6 @@ class _HashingSink:
         return self.f.write(data)
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) -> dict:
     """Write shard ``job.index`` and its stats file; return the stats."""
     import webdataset as wds
@@ -97,7 +105,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     labels = Labels(ctx.table.label_kind, ctx.label_names)
     fetcher = Fetcher(ctx.download, ctx.table.base)
     final = tar_path(ctx.out_dir, job.index)
-    tmp = os.path.join(ctx.out_dir, f".{shard_name(job.index)}.tar.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = storage.temporary_name(os.path.join(_staging_dir(ctx.out_dir), os.path.basename(final)))
     failures: list[dict] = []
     kept = 0
 
@@ -135,17 +143,15 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
             kept += image.kept_original
         writer.close()
         raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, final)
-    fsync_dir(ctx.out_dir)
+    storage.publish_file(tmp, final)
     total = len(rows)
     stats = {
-        "shard": shard_name(job.index), "name": os.path.basename(final), "rows": [job.start, job.stop],
+        "shard": shard_name(job.index), "name": storage.basename(final), "rows": [job.start, job.stop],
         "total": total, "ok": total - len(failures), "failed": len(failures),
         "failed_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
         "failures": failures, "kept_original": kept, "bytes": sink.bytes, "sha256": sink.sha.hexdigest(),
         "seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - cpu0, 3),
         "node_id": node_id, "pid": os.getpid(),
     }
-    write_json_atomic(stats_path(ctx.out_dir, job.index), stats)
+    storage.write_json(stats_path(ctx.out_dir, job.index), stats)  # the commit marker, last
     return stats

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from pipelines.config import Config, ConfigError, TrackingConfig
+from pretrain import storage
 
 
 class Terminated(BaseException):
@@ -25,18 +26,20 @@ def tracking_uri(tracking: TrackingConfig, workdir: str) -> str:
         return tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if "://" in workdir:
-        raise ConfigError(f"tracking.uri: null needs a local workdir for its sqlite file, but workdir is "
-                          f"{workdir!r}; set tracking.uri (or $MLFLOW_TRACKING_URI) to your MLflow server")
-    path = Path(workdir).expanduser().resolve()
+    if storage.is_remote(workdir):
+        raise ConfigError(f"tracking.uri: null keeps MLflow in a sqlite file in the workdir, which must then be "
+                          f"local, but workdir is {workdir!r}. Set tracking.uri to your MLflow server (in the "
+                          f"config, or --set tracking.uri=http://HOST:5000, or export MLFLOW_TRACKING_URI=...); "
+                          f"infra/mlflow starts one whose artifacts go to object storage")
+    path = Path(storage.local_path(workdir)).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
 def _artifact_root(workdir: str) -> Optional[str]:
-    if "://" in workdir:
-        return workdir.rstrip("/") + "/mlartifacts"
-    return (Path(workdir).expanduser().resolve() / "mlartifacts").as_uri()
+    if storage.is_remote(workdir):
+        return storage.join(workdir, "mlartifacts")
+    return (Path(storage.local_path(workdir)).resolve() / "mlartifacts").as_uri()
 
 
 def experiment_id(client, tracking: TrackingConfig, workdir: str) -> str:

@@ -8,45 +8,34 @@ with that dict: the same entry ``torchrun``/``deepspeed`` users reach through
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from pipelines.config import Config, flatten, load_config, to_dict
 from pipelines.tracking import stage_run, tracking_uri
+from pretrain import storage
 from pretrain.loop import EXPORT_MARKER
 from pretrain.tracking import Tracker
 
 RESOLVED_CONFIG = "config.resolved.yaml"
 
 
-def _absolute(path: Optional[str]) -> Optional[str]:
-    """A local path made absolute; URLs, ``pipe:`` commands and None unchanged."""
-    if path is None or "://" in path or path.startswith("pipe:"):
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
 def resolved_config(cfg: Config) -> dict:
     """The whole config as a dict with local paths made absolute (Ray workers may run elsewhere)."""
     data = to_dict(cfg)
-    data["workdir"] = _absolute(cfg.workdir)
-    data["pretrain"]["shards"] = _absolute(cfg.pretrain.shards)
-    data["transfer"]["data_root"] = _absolute(cfg.transfer.data_root)
+    data["workdir"] = storage.absolute(cfg.workdir)
+    data["pretrain"]["shards"] = storage.absolute(cfg.pretrain.shards)
+    data["transfer"]["data_root"] = storage.absolute(cfg.transfer.data_root)
     return data
 
 
 def write_resolved_config(cfg: Config, path: Optional[str] = None) -> str:
     """Write the resolved config YAML (default ``{workdir}/config.resolved.yaml``); returns its path."""
-    import fsspec
-
     data = resolved_config(cfg)
-    path = path or f"{data['workdir'].rstrip('/')}/{RESOLVED_CONFIG}"
-    with fsspec.open(path, "w", auto_mkdir=True) as f:
-        f.write(yaml.safe_dump(data, sort_keys=False))
+    path = path or storage.join(data["workdir"], RESOLVED_CONFIG)
+    storage.write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -82,15 +71,14 @@ def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
     spec = {"config": resolved_config(cfg), "source": config_path, "run_id": run_id, "tracking_uri": uri}
     driver = Tracker(uri, run_id)  # tolerant: an unreachable server must not stop the job
     driver.log_params(flatten(cfg))
-    driver.log_artifact(config_path)
-    workdir = spec["config"]["workdir"].rstrip("/")
+    driver.log_text(yaml.safe_dump(spec["config"], sort_keys=False), RESOLVED_CONFIG)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=spec,
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
                                      resources_per_worker={"CPU": p.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{cfg.name}-pretrain", storage_path=f"{workdir}/ray_results",
+        run_config=RunConfig(name=f"{cfg.name}-pretrain", storage_path=storage.join(spec["config"]["workdir"], "ray_results"),
                              failure_config=FailureConfig(max_failures=p.max_failures)),
     )
     try:
@@ -106,12 +94,9 @@ def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
 
 def pretrain_complete(cfg: Config) -> bool:
     """True when an export taken at step >= ``pretrain.steps`` exists (the pipeline then skips pretraining)."""
-    out = Path(cfg.workdir) / "export"
-    try:
-        marker = json.loads((out / EXPORT_MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (out / "model.safetensors").is_file() and int(marker.get("step", 0)) >= cfg.pretrain.steps
+    out = storage.join(cfg.workdir, "export")
+    marker = storage.read_json_or_none(storage.join(out, EXPORT_MARKER))
+    return bool(marker) and int(marker.get("step", 0)) >= cfg.pretrain.steps
 
 
 def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001

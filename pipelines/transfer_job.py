@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -31,13 +32,16 @@ from pipelines.tracking import stage_run, tracking_uri
 from pipelines.transfer_report import markdown_report, markdown_table, plot, row_label, write_json
 from pretrain.downstream import DatasetSpec, dataset_spec
 from pretrain.errors import InputError
-from pretrain.transfer import FinetuneJob, ProbeJob, resolve_checkpoint, run_finetune, run_probe, warmup_steps_for
+from pretrain import storage
+from pretrain.transfer import (FinetuneJob, ProbeJob, local_export, resolve_checkpoint, run_finetune, run_probe,
+                               warmup_steps_for)
 
 REPORT_DIR = "transfer"
+REPORT, PLOT, RESULTS = "report.md", "plot.png", "results.json"
 
 
-def report_dir(cfg: Config) -> Path:
-    return Path(cfg.workdir).expanduser() / REPORT_DIR
+def report_dir(cfg: Config) -> str:
+    return storage.join(storage.absolute(cfg.workdir), REPORT_DIR)
 
 
 # --------------------------------------------------------------------------- work on the cluster
@@ -137,12 +141,14 @@ class NestedRuns:
 # --------------------------------------------------------------------------- the stage
 
 
-def fingerprint(cfg: Config, export_dir: Path) -> str:
+def fingerprint(cfg: Config, export_dir: str) -> str:
     """What the report depends on: the transfer settings, the seed, the engine settings and the checkpoint."""
-    weights = (export_dir / "model.safetensors").stat()
+    from pretrain.convert import CONFIG_FILE, WEIGHTS_FILE
+
     data = {"transfer": to_dict(cfg.transfer), "seed": cfg.seed, "precision": cfg.pretrain.precision,
-            "zero_stage": cfg.pretrain.zero_stage, "export_config": (export_dir / "config.json").read_text(),
-            "weights": [weights.st_size, weights.st_mtime_ns]}
+            "zero_stage": cfg.pretrain.zero_stage,
+            "export_config": storage.read_text(storage.join(export_dir, CONFIG_FILE)),
+            "weights": storage.identity(storage.join(export_dir, WEIGHTS_FILE))}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -150,7 +156,7 @@ def transfer_complete(cfg: Config) -> bool:
     """True when ``{workdir}/transfer/results.json`` exists for these settings and this checkpoint."""
     try:
         export_dir = resolve_checkpoint(cfg.transfer.checkpoint, cfg.workdir)
-        done = json.loads((report_dir(cfg) / "results.json").read_text())
+        done = storage.read_json(storage.join(report_dir(cfg), RESULTS))
         return done.get("fingerprint") == fingerprint(cfg, export_dir)
     except (InputError, OSError, ValueError):
         return False
@@ -163,19 +169,19 @@ def _lr_grid(spec: DatasetSpec, lrs: list[float]) -> list[float]:
 class Grid:
     """The stage's Ray work in flight and what has come back."""
 
-    def __init__(self, cfg: Config, export_dir: Path, specs: dict[str, DatasetSpec], runs: NestedRuns):
+    def __init__(self, cfg: Config, export_dir: str, specs: dict[str, DatasetSpec], runs: NestedRuns):
         import ray
 
         self.ray, self.cfg, self.t, self.runs = ray, cfg, cfg.transfer, runs
         self.export_dir, self.specs = str(export_dir), specs
         p = cfg.pretrain
         gpus = 1 if p.use_gpu else 0
-        storage = str(report_dir(cfg).resolve() / "ray_results")
+        ray_storage = storage.join(report_dir(cfg), "ray_results")
         if self.t.workers == 1:
             self._finetune = ray.remote(finetune_cell).options(num_cpus=p.cpus_per_worker, num_gpus=gpus)
         else:  # the task only drives a TorchTrainer, whose workers hold the resources
             self._finetune = ray.remote(finetune_cell).options(num_cpus=0)
-        self._ft_args = (self.t.workers, p.cpus_per_worker, p.use_gpu, storage)
+        self._ft_args = (self.t.workers, p.cpus_per_worker, p.use_gpu, ray_storage)
         self._probe = ray.remote(probe_cell).options(num_cpus=p.cpus_per_worker, num_gpus=gpus)
         self.pending: dict[Any, dict] = {}
         self.dev: dict[tuple[str, str], dict[float, dict]] = {}
@@ -284,7 +290,7 @@ def _summary_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def check_inputs(cfg: Config) -> tuple[dict[str, DatasetSpec], Path, Any]:
+def check_inputs(cfg: Config) -> tuple[dict[str, DatasetSpec], str, Any]:
     """The datasets' specs, the checkpoint directory and its ViTConfig; ``InputError`` naming the
     missing folder, file or key otherwise. Cheap: nothing is loaded."""
     from pretrain.convert import read_export_config
@@ -292,7 +298,7 @@ def check_inputs(cfg: Config) -> tuple[dict[str, DatasetSpec], Path, Any]:
     t = cfg.transfer
     specs = {name: dataset_spec(name, t.data_root) for name in t.datasets}
     export_dir = resolve_checkpoint(t.checkpoint, cfg.workdir)
-    vit = read_export_config(export_dir)
+    vit = read_export_config(local_export(export_dir, weights=False))
     if t.img_size % vit.patch:
         raise InputError(f"transfer.img_size: {t.img_size} is not a multiple of the checkpoint's patch {vit.patch}")
     return specs, export_dir, vit
@@ -317,21 +323,32 @@ def run_transfer(cfg: Config, run_id: Optional[str] = None) -> dict:
     grid.start(["pretrained", "scratch"] if t.compare_scratch else ["pretrained"])
     rows = grid.wait_all()
 
-    out = report_dir(cfg)
     shots = list(t.shots)
-    meta = {"name": cfg.name, "export_dir": str(export_dir), "img_size": t.img_size, "batch": t.batch,
+    meta = {"name": cfg.name, "export_dir": export_dir, "img_size": t.img_size, "batch": t.batch,
             "variant": f"ViT width {vit.width}, depth {vit.depth}, heads {vit.heads}, patch {vit.patch}",
             "pretrain_size": vit.img_size}
-    report = out / "report.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(markdown_report(rows, shots, meta))
-    png = plot(rows, shots, out / "plot.png")
-    results = write_json(out / "results.json", {
-        "fingerprint": fingerprint(cfg, export_dir), "meta": meta, "transfer": to_dict(t), "rows": rows,
-        "timings": grid.timings})
-    runs.stage(_summary_metrics(rows), flatten(t, "transfer."), [report, png, results])
-    return {"report": str(report), "plot": str(png), "results": str(results), "table": markdown_table(rows, shots),
-            "rows": rows, "timings": grid.timings}
+    results = {"fingerprint": fingerprint(cfg, export_dir), "meta": meta, "transfer": to_dict(t), "rows": rows,
+               "timings": grid.timings}
+    paths = _publish_report(report_dir(cfg), markdown_report(rows, shots, meta), rows, shots, results, runs)
+    return {**paths, "table": markdown_table(rows, shots), "rows": rows, "timings": grid.timings}
+
+
+def _publish_report(out: str, report: str, rows: list[dict], shots: list[int], results: dict,
+                    runs: NestedRuns) -> dict[str, str]:
+    """Report and plot, then ``results.json`` last (what ``transfer_complete`` looks for), under ``out``
+    (a folder or a URL); the same files go to the stage's MLflow run."""
+    local = Path(storage.scratch_dir("transfer-report"))
+    try:
+        files = {"report": local / REPORT, "plot": local / PLOT, "results": local / RESULTS}
+        files["report"].write_text(report)
+        plot(rows, shots, files["plot"])
+        write_json(files["results"], results)
+        runs.stage(_summary_metrics(rows), flatten(results["transfer"], "transfer."), list(files.values()))
+        for path in files.values():  # results.json last
+            storage.publish_file(str(path), storage.join(out, path.name))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return {kind: storage.join(out, path.name) for kind, path in files.items()}
 
 
 def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pretrain import storage
 from pretrain.errors import InputError
 from pretrain.model import VARIANTS, ViT, ViTConfig, resample_pos_embed
 
@@ -222,6 +222,7 @@ def save_safetensors(
     first step of transfer, and the only way to export a model trained with ``representation_size``.
     ``mean``/``std`` record the input normalisation (default: the paper's [-1, 1] scaling).
     Both files are written under temporary names and renamed, so a reader never sees half an export.
+    ``out_dir`` is a local folder (``pretrain.loop`` uploads an export bound for object storage).
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
     if drop_head:
@@ -233,8 +234,8 @@ def save_safetensors(
     tmp_weights, tmp_config = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     tmp_config.write_text(json.dumps(_export_config(config, mean, std), indent=2) + "\n")
-    os.replace(tmp_weights, out / WEIGHTS_FILE)
-    os.replace(tmp_config, out / CONFIG_FILE)
+    storage.publish_file(str(tmp_weights), str(out / WEIGHTS_FILE))
+    storage.publish_file(str(tmp_config), str(out / CONFIG_FILE))
     return out
 
 

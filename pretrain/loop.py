@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +22,7 @@ from pretrain.engine import (build_engine, compile_blocks, full_state_dict, grad
 from pretrain.fewshot_probe import FewshotProbe
 from pretrain.metrics import Meter, detect_peak_tflops, memory_stats, train_flops_per_image
 from pretrain.model import ViT, num_params
+from pretrain import storage
 from pretrain.tracking import Tracker
 
 EXPORT_MARKER = "pretrain.json"  # beside the export: the step it was taken at
@@ -40,7 +43,7 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
     rank, world = info.rank, info.world_size
     tracker = Tracker(tracking_uri, run_id, rank, bound_http=True)
     try:
-        urls, manifest = resolve_shards(p.shards or f"{workdir}/shards")
+        urls, manifest = resolve_shards(p.shards or storage.join(workdir, "shards"))
         num_classes = p.num_classes or num_classes_of(manifest)
         vit = vit_config(m, num_classes)
         torch.manual_seed(seed)  # the same initial weights on every rank and under every launcher
@@ -52,7 +55,7 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
         log.say(f"{num_params(model) / 1e6:.2f} M params, {num_classes} classes, {world} ranks, "
                 f"ZeRO {p.zero_stage}, {p.precision}{', blocks compiled' if m.compile else ''}")
         engine = build_engine(model, p, world)
-        ckpt = Checkpointer(root=f"{workdir}/checkpoints", keep=p.keep_checkpoints, rank=rank, world_size=world)
+        ckpt = Checkpointer(root=storage.join(workdir, "checkpoints"), keep=p.keep_checkpoints, rank=rank, world_size=world)
         state = ckpt.resume(engine)
         log.say(describe_resume(state))
         step = state["step"] if state else 0
@@ -88,7 +91,7 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
                 with meter.excluded():
                     ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state()})
         export_dir = _export(engine, vit, p, workdir, step, rank)
-        return {"step": step, "metrics": metrics, "checkpoint_dir": f"{workdir}/checkpoints",
+        return {"step": step, "metrics": metrics, "checkpoint_dir": storage.join(workdir, "checkpoints"),
                 "export_dir": export_dir, "resumed": state.get("resumed") if state else None}
     finally:
         tracker.close()
@@ -120,17 +123,24 @@ def _window_metrics(engine, lr: float, losses: list[torch.Tensor], meter: Meter,
 
 
 def _export(engine, vit, p: Any, workdir: str, step: int, rank: int) -> str:
-    """Rank 0 writes ``{workdir}/export/{model.safetensors,config.json}`` from the gathered fp32 weights."""
-    from pretrain.convert import save_safetensors
+    """Rank 0 writes ``{workdir}/export/{model.safetensors,config.json}`` from the gathered fp32 weights,
+    then ``pretrain.json`` (the step) last: an export is complete exactly when that marker exists."""
+    from pretrain.convert import CONFIG_FILE, WEIGHTS_FILE, save_safetensors
 
-    out = Path(workdir) / "export"
+    out = storage.join(workdir, "export")
     state = full_state_dict(engine, rank)  # collective
     if rank == 0:
-        save_safetensors(state, vit, out, drop_head=vit.representation_size is not None,
+        remote = storage.is_remote(out)
+        local = storage.scratch_dir("export") if remote else out
+        storage.remove(storage.join(out, EXPORT_MARKER))
+        save_safetensors(state, vit, local, drop_head=vit.representation_size is not None,
                          mean=tuple(p.augment.mean), std=tuple(p.augment.std))
-        (out / EXPORT_MARKER).write_text(json.dumps({"step": step}) + "\n")
+        if remote:
+            storage.upload_many((os.path.join(local, n), storage.join(out, n)) for n in (WEIGHTS_FILE, CONFIG_FILE))
+            shutil.rmtree(local, ignore_errors=True)
+        storage.write_json(storage.join(out, EXPORT_MARKER), {"step": step})
     dist.barrier()
-    return str(out)
+    return out
 
 
 class MetricsLog:
@@ -141,7 +151,7 @@ class MetricsLog:
         self.tracker = tracker
         self.total = total_steps
         # The file is the record that survives an MLflow outage; object-store workdirs have only MLflow.
-        self.path = None if "://" in workdir else Path(workdir) / "logs" / "pretrain.jsonl"
+        self.path = None if storage.is_remote(workdir) else Path(workdir) / "logs" / "pretrain.jsonl"
         if self.active and self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 

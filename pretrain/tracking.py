@@ -72,6 +72,11 @@ class Tracker:
         if self.enabled:
             self._put(lambda c: c.log_artifact(self.run_id, path, artifact_path))
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Queue ``text`` as the artifact ``artifact_file`` (no local file needed: workdirs may be remote)."""
+        if self.enabled:
+            self._put(lambda c: c.log_text(self.run_id, text, artifact_file))
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
             for k, v in tags.items():

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from pretrain import storage
 from pretrain.downstream import dataset_spec, load_dataset
 from pretrain.errors import InputError
 from pretrain.evaluate import PAPER_MEAN, PAPER_STD, features, fewshot_from_features, linear_probe, normalize
@@ -40,18 +41,28 @@ MOMENTUM = 0.9
 # --------------------------------------------------------------------------- the model
 
 
-def resolve_checkpoint(checkpoint: str, workdir: str) -> Path:
-    """``"latest"`` = the pretraining export ``{workdir}/export``; else a path to such a directory."""
-    path = Path(workdir).expanduser() / "export" if checkpoint == "latest" else Path(checkpoint).expanduser()
-    for name in ("model.safetensors", "config.json"):
-        if not (path / name).is_file():
+def resolve_checkpoint(checkpoint: str, workdir: str) -> str:
+    """``"latest"`` = the pretraining export ``{workdir}/export``; else a folder (or URL) of such an export."""
+    from pretrain.convert import CONFIG_FILE, WEIGHTS_FILE
+
+    location = storage.join(workdir, "export") if checkpoint == "latest" else checkpoint
+    location = storage.absolute(location)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not storage.isfile(storage.join(location, name)):
             hint = " (run `vitscale pretrain` first)" if checkpoint == "latest" else ""
-            raise InputError(f"transfer.checkpoint: {path / name} not found{hint}")
-    return path.resolve()
+            raise InputError(f"transfer.checkpoint: {storage.join(location, name)} not found{hint}")
+    return location
+
+
+def local_export(export_dir: str, weights: bool = True) -> Path:
+    """The export as a local folder: itself, or this node's cached copy of one on object storage."""
+    from pretrain.convert import CONFIG_FILE, WEIGHTS_FILE
+
+    return Path(storage.local_copy(export_dir, [WEIGHTS_FILE, CONFIG_FILE] if weights else [CONFIG_FILE]))
 
 
 def export_normalization(export_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input mean/std the checkpoint was pretrained with (recorded in its ``config.json``)."""
+    """The input mean/std the checkpoint was pretrained with (recorded in its local ``config.json``)."""
     cfg = json.loads((Path(export_dir) / "config.json").read_text()).get("pretrained_cfg", {})
     return tuple(cfg.get("mean", PAPER_MEAN)), tuple(cfg.get("std", PAPER_STD))
 
@@ -257,7 +268,7 @@ def finetune(model: ViT, train_ds: Dataset, eval_ds: Dataset, job: FinetuneJob,
 
 def run_finetune(job: FinetuneJob, on_log: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Load the data and the model a job names, prepare the model, fine-tune, score ``eval_split``."""
-    export_dir = Path(job.export_dir)
+    export_dir = local_export(job.export_dir)
     spec = dataset_spec(job.dataset, job.data_root)
     train_ds = load_dataset(job.dataset, job.train_split, job.img_size, job.data_root, augment=True)
     eval_ds = load_dataset(job.dataset, job.eval_split, job.img_size, job.data_root)
@@ -273,7 +284,7 @@ def run_finetune(job: FinetuneJob, on_log: Optional[Callable[[int, dict], None]]
 def run_probe(job: ProbeJob) -> dict:
     """Linear probe (L2 picked on dev, refit on train + dev, test once) and few-shot (sampled from
     train + dev, scored on test) on frozen features at the model's own resolution."""
-    export_dir = Path(job.export_dir)
+    export_dir = local_export(job.export_dir)
     spec = dataset_spec(job.dataset, job.data_root)
     model = load_model(export_dir, job.init, job.seed)
     if job.use_gpu:

@@ -13,26 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from servers import S3_ENDPOINT, S3_PORT
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Set before anything starts (Ray's workers and torchrun's ranks inherit the environment at their
-# start), the way a user points s3fs, boto3 and MLflow at MinIO or Ceph. The server itself starts
-# on first use (``s3_server``).
-S3_PORT = _free_port()
-S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
-os.environ.update({"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "vitscale-test",
-                   "AWS_SECRET_ACCESS_KEY": "vitscale-test", "AWS_DEFAULT_REGION": "us-east-1"})
-for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-    os.environ.pop(_var, None)
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -20,44 +15,18 @@ from pipelines.config import flatten, replace
 from pipelines.tracking import experiment_id
 from pipelines.train_job import run_pretrain
 from pretrain.tracking import Tracker
+from servers import free_port
+from servers import mlflow_server as start_mlflow_server
 from test_train_job import check_trained, logged, run_twins, train_config, write_shards
 
 STEPS = 12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` with a sqlite store on a free port; yields (uri, process)."""
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    log = (tmp_path / "mlflow-server.log").open("w")
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, "mlflow server did not answer /health"
-        time.sleep(0.5)
-    yield uri, proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group we started: the server and its worker
-        proc.wait()
+    with start_mlflow_server(tmp_path, str(tmp_path / "server-artifacts")) as server:
+        yield server
 
 
 @pytest.mark.timeout(500)
@@ -121,7 +90,7 @@ def _call(fn, *args) -> dict:
 def test_unreachable_server_warns_and_never_blocks(monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    tracker = Tracker(f"http://127.0.0.1:{_free_port()}", "0" * 32, rank=0, retry_s=1.0)
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "0" * 32, rank=0, retry_s=1.0)
     with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
         for step in range(50):
             tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)  # queued: returns at once
