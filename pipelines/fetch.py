@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from pipelines.config import DownloadConfig
 from pipelines.images import Rejected
+from pretrain.storage import is_url
 
 USER_AGENT = "vitscale/0.1 (+image pretraining dataset builder)"
 MAX_BYTES = 64 << 20  # a response larger than any sane image is refused, not buffered
@@ -26,10 +27,6 @@ NOAI = frozenset({"noai", "noimageai"})
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def is_url(location: str) -> bool:
-    return "://" in location
 
 
 def resolve(location: str, base: Optional[str]) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pipelines.config import DownloadConfig
-from pipelines.fetch import Fetcher, fetch_in_order, is_url, resolve
+from pipelines.fetch import Fetcher, fetch_in_order, resolve
 from pipelines.images import ImageSettings, Rejected, process
 from pipelines.sources import Labels, Table, read_rows
 from pretrain import storage
@@ -114,7 +114,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
         return fetcher.fetch(location) if location and not error else None
 
     def remote(row: tuple) -> bool:
-        return bool(row[0]) and is_url(resolve(row[0], ctx.table.base)) and not row[0].startswith("file://")
+        return bool(row[0]) and storage.is_remote(resolve(row[0], ctx.table.base))
 
     with open(tmp, "wb") as raw:
         sink = _HashingSink(raw)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from pipelines.config import ShardConfig
-from pipelines.fetch import is_url
+from pretrain.storage import is_url
 from pipelines.images import Rejected
 from pretrain.errors import InputError
 
