@@ -14,13 +14,18 @@ Layout under ``root`` (``{workdir}/checkpoints``, a local or shared path, or an 
 
 Publishing: on a local or shared filesystem every rank writes into ``.partial/step_N`` and rank 0
 renames it to ``step_N`` after all ranks are done, so a checkpoint cut off by a crash is never
-under its final name. On object storage (no rename) each rank writes into a private local folder
-and uploads to ``step_N/``; rank 0 writes the ``COMPLETE`` marker after a barrier, and a folder
-without it is never chosen (the next save of that step, or pruning, deletes it).
+under its final name. On object storage (no rename; DeepSpeed writes only local files) each rank
+writes into a private folder in this node's scratch (``pretrain.storage.scratch_root``) and uploads
+its files concurrently to ``step_N/``, each object whole or not at all; rank 0 then writes the
+manifest and the ``COMPLETE`` marker. A folder without the marker is never chosen (the next save of
+that step, or pruning, deletes it). On resume each rank downloads (concurrently, into its scratch)
+and verifies only the files it loads: its own optimizer shard, not the other ranks'.
 
-Another world size: the checkpoint is converted once (rank 0, ``ds_to_universal
---inject_missing_state``) and loaded with DeepSpeed's ``load_universal``: parameters and optimizer
-moments are exact. Per-rank loader state cannot map 1:1; see ``Checkpointer._client_state``.
+Another world size: the checkpoint is converted once (rank 0, which reads all of it,
+``ds_to_universal --inject_missing_state``), published under ``universal/`` like a save (uploaded,
+on object storage), and loaded by every rank, which reads all of it, with DeepSpeed's
+``load_universal``: parameters and optimizer moments are exact. Per-rank loader state cannot map
+1:1; see ``Checkpointer._client_state``.
 
 Trust: our own files are read with ``torch.load(weights_only=True)`` or as JSON. DeepSpeed's
 files need full unpickling; each rank unpickles only files whose sha256 matches the manifest, and
@@ -41,11 +46,11 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any, Optional
 
-import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
-from fsspec.implementations.local import LocalFileSystem
+
+from pretrain import storage
 
 log = logging.getLogger("vitscale.checkpoint")
 
@@ -172,15 +177,15 @@ class Checkpointer:
     def __init__(self, root: str, keep: int, rank: int, world_size: int, *, cache_dir: Optional[str] = None):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.root = root.rstrip("/")
+        self.root = str(root).rstrip("/")
         self.keep = keep
         self.rank = rank
         self.world_size = world_size
-        self.fs, self.path = fsspec.core.url_to_fs(self.root)
-        self.path = self.path.rstrip("/")
+        # Absolute locally: listings (``find``) return absolute paths that are matched against it.
+        self.fs, self.path = storage.filesystem(storage.absolute(self.root))
         # A local or shared filesystem has rename; object storage has not, and DeepSpeed writes only
         # local files, so there each rank stages in a private local folder and uploads.
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self.local = not storage.is_remote(self.root)
         self._cache_base = cache_dir
         self._cache_dir: Optional[str] = None
 
@@ -193,21 +198,20 @@ class Checkpointer:
         """A location under the root as the user wrote it (a path, or a URL with its protocol)."""
         return "/".join([self.path if self.local else self.root, *parts])
 
+    def _step_dirs(self) -> list[str]:
+        return [name for name in storage.listdir(self.url()) if _STEP_DIR.fullmatch(name)]
+
     def complete_steps(self) -> list[int]:
         """Steps of the checkpoints that carry a completion marker, oldest first (not re-verified)."""
-        if not self.fs.exists(self.path):
-            return []
-        steps = []
-        for entry in self.fs.ls(self.path, detail=False):
-            m = _STEP_DIR.fullmatch(os.path.basename(entry.rstrip("/")))
-            if m and self.fs.exists(self._join(m.group(0), MARKER)):
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return sorted(int(_STEP_DIR.fullmatch(name).group(1)) for name in self._step_dirs()
+                      if storage.exists(self.url(name, MARKER)))
 
     def _cache(self, *parts: str) -> str:
         """This process's local scratch folder for object storage (made on first use)."""
         if self._cache_dir is None:
-            self._cache_dir = tempfile.mkdtemp(prefix=f"vitscale-ckpt-rank{self.rank}-", dir=self._cache_base)
+            prefix = f"ckpt-rank{self.rank}"
+            self._cache_dir = (tempfile.mkdtemp(prefix=f"{prefix}-", dir=self._cache_base) if self._cache_base
+                               else storage.scratch_dir(prefix))
         return os.path.join(self._cache_dir, *parts)
 
     def _drop_cache(self) -> None:
@@ -235,7 +239,7 @@ class Checkpointer:
             stage_root = self._cache(PARTIAL)
             shutil.rmtree(stage_root, ignore_errors=True)
             if self.rank == 0:
-                self._remove(self._join(name))  # an incomplete or refused one of this step
+                self._remove(name)  # an incomplete or refused one of this step
         _barrier()
         engine.save_checkpoint(stage_root, tag=name, client_state={"vitscale_step": step}, save_latest=False)
         stage = os.path.join(stage_root, name)
@@ -258,7 +262,8 @@ class Checkpointer:
         return self.url(name)
 
     def _hash_and_upload(self, stage: str, name: str) -> dict:
-        """This rank's share of the manifest: {relative path: {sha256, bytes}}."""
+        """This rank's share of the manifest: {relative path: {sha256, bytes}}; on object storage
+        this rank's files are uploaded too, concurrently."""
         files = sorted(str(p.relative_to(stage)) for p in Path(stage).rglob("*") if p.is_file())
         mine = files
         if self.local:
@@ -268,36 +273,36 @@ class Checkpointer:
             union = sorted(set().union(*map(set, seen)))
             owners = [[r for r in range(self.world_size) if rel in set(seen[r])] for rel in union]
             mine = [rel for i, (rel, who) in enumerate(zip(union, owners)) if who[i % len(who)] == self.rank]
-        out = {}
-        for rel in mine:
-            local = os.path.join(stage, rel)
-            out[rel] = {"sha256": sha256_file(local, fsync=self.local), "bytes": os.path.getsize(local)}
-            if not self.local:
-                self.fs.put_file(local, self._join(name, rel))
+        out = {rel: {"sha256": sha256_file(os.path.join(stage, rel), fsync=self.local),
+                     "bytes": os.path.getsize(os.path.join(stage, rel))} for rel in mine}
+        if not self.local:
+            storage.upload_many((os.path.join(stage, rel), self.url(name, rel)) for rel in mine)
         return out
 
     def _publish(self, stage: str, name: str, meta: dict) -> None:
-        manifest = json.dumps(meta, indent=1).encode()
-        marker = hashlib.sha256(manifest).hexdigest().encode()
         if self.local:
             unseen = [rel for rel in meta["files"] if not os.path.exists(os.path.join(stage, rel))]
             if unseen:
                 raise CheckpointError(f"{self.root}: rank 0 cannot see {unseen[:3]} written by other ranks; the "
                                       "checkpoint root must be a filesystem all ranks share, or an object store")
-            _write_durable(os.path.join(stage, MANIFEST), manifest)
-            _write_durable(os.path.join(stage, MARKER), marker)
-            final = self._join(name)
-            if os.path.exists(final):  # a refused or incomplete checkpoint of the same step
+            if os.path.exists(self._join(name)):  # a refused or incomplete checkpoint of the same step
                 self._reject(name, "replaced by a new save of the same step")
+        self._seal(stage, name, meta)
+        storage.write_bytes(self.url(LATEST), name.encode())
+
+    def _seal(self, stage: str, sub: str, meta: dict) -> None:
+        """Make checkpoint ``sub`` (a path under the root) complete: its manifest, then the marker that
+        holds the manifest's sha256. Locally both go into the staging folder ``stage``, which is then
+        renamed to ``sub``; on object storage, where every file is already uploaded, under ``sub``."""
+        manifest = json.dumps(meta, indent=1).encode()
+        folder = stage if self.local else self.url(sub)
+        storage.write_bytes(storage.join(folder, MANIFEST), manifest)
+        storage.write_bytes(storage.join(folder, MARKER), hashlib.sha256(manifest).hexdigest().encode())
+        if self.local:
+            final = self._join(sub)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
             os.rename(stage, final)
-            fsync_dir(self.path)
-            _write_durable(self._join(LATEST + ".tmp"), name.encode())
-            os.replace(self._join(LATEST + ".tmp"), self._join(LATEST))
-            fsync_dir(self.path)
-        else:
-            self.fs.pipe_file(self._join(name, MANIFEST), manifest)
-            self.fs.pipe_file(self._join(name, MARKER), marker)
-            self.fs.pipe_file(self._join(LATEST), name.encode())
+            storage.fsync_dir(os.path.dirname(final))
 
     def _prune(self, newest: int) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older ones, their universal forms, and
@@ -305,29 +310,35 @@ class Checkpointer:
         complete = self.complete_steps()
         steps = [s for s in complete if s <= newest]
         drop = set(steps[: max(0, len(steps) - self.keep)])
-        for entry in self.fs.ls(self.path, detail=False):
-            m = _STEP_DIR.fullmatch(os.path.basename(entry.rstrip("/")))
-            if m and int(m.group(1)) not in complete:
-                drop.add(int(m.group(1)))
+        drop |= {int(_STEP_DIR.fullmatch(name).group(1)) for name in self._step_dirs()} - set(complete)
         for step in sorted(drop):
-            for path in (self._join(step_name(step)), self._join(UNIVERSAL, step_name(step))):
-                self._remove(path)
+            self._remove(step_name(step))
+            self._remove(f"{UNIVERSAL}/{step_name(step)}")
 
-    def _remove(self, path: str) -> None:
-        """Delete a checkpoint folder, its marker first: one cut off half-deleted is never complete."""
-        if self.fs.exists(f"{path}/{MARKER}"):
-            self.fs.rm(f"{path}/{MARKER}")
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+    def _remove(self, sub: str) -> None:
+        """Delete checkpoint ``sub``, its marker first: one cut off half-deleted is never complete."""
+        storage.remove(self.url(sub, MARKER))
+        storage.remove(self.url(sub), recursive=True)
 
     def _reject(self, name: str, reason: str) -> None:
-        src, dst = self._join(name), self._join(REJECTED, name)
-        self._remove(dst)
-        self.fs.makedirs(self._join(REJECTED), exist_ok=True)
-        if not self.local and self.fs.exists(f"{src}/{MARKER}"):  # a move is copy + delete there
-            self.fs.rm(f"{src}/{MARKER}")
-        self.fs.mv(src, dst, recursive=True)
+        self._remove(f"{REJECTED}/{name}")
+        self._move(name, f"{REJECTED}/{name}")
         log.warning("checkpoint %s moved to %s (%s)", self.url(name), self.url(REJECTED, name), reason)
+
+    def _move(self, sub: str, to: str) -> None:
+        """Rename checkpoint ``sub`` to ``to`` (absent). Object storage has no rename: each object is
+        copied server-side (concurrently; s3fs's recursive ``mv`` fails on the implied folders), the
+        marker dropped first so that a move cut off halfway never leaves a complete checkpoint."""
+        if self.local:
+            os.makedirs(os.path.dirname(self._join(to)), exist_ok=True)
+            os.rename(self._join(sub), self._join(to))
+            return
+        storage.remove(self.url(sub, MARKER))
+        src = self._join(sub)
+        objects = self.fs.find(src)
+        if objects:
+            self.fs.copy(objects, [self._join(to) + p[len(src):] for p in objects])
+        self._remove(sub)
 
     # ------------------------------------------------------------------ resume
 
@@ -367,8 +378,9 @@ class Checkpointer:
         return changed, changed and any(f.endswith("optim_states.pt") for f in meta["files"])
 
     def _reads(self, meta: dict, all_shards: bool) -> list[str]:
-        """The files of a checkpoint this rank will unpickle (and so must verify); ``all_shards``:
-        DeepSpeed's elastic ZeRO checkpoints make every rank read every optimizer shard."""
+        """The files of a checkpoint this rank will unpickle (and so must verify, and on object storage
+        download); ``all_shards``: DeepSpeed's elastic ZeRO checkpoints make every rank read every
+        optimizer shard."""
         files = sorted(meta["files"])
         changed, universal = self._changed(meta)
         if not changed:
@@ -380,8 +392,8 @@ class Checkpointer:
 
     def _read_manifest(self, name: str) -> tuple[Optional[dict], list[str]]:
         try:
-            manifest = self.fs.cat_file(self._join(name, MANIFEST))
-            marker = self.fs.cat_file(self._join(name, MARKER)).decode().strip()
+            manifest = storage.read_bytes(self.url(name, MANIFEST))
+            marker = storage.read_text(self.url(name, MARKER)).strip()
         except FileNotFoundError as e:
             return None, [f"missing {e.filename or e}"]
         if hashlib.sha256(manifest).hexdigest() != marker:
@@ -404,20 +416,27 @@ class Checkpointer:
         remote = self._join(name)
         listed = {p[len(remote) + 1:] for p in self.fs.find(remote)} - {MANIFEST, MARKER}
         problems = [f"{self.url(name, p)}: not in the manifest" for p in sorted(listed - set(files))]
-        local = self._local_dir(name)
-        for rel in wanted:
-            where = os.path.join(local, rel)
-            if not self.fs.exists(self._join(name, rel)):  # by name: a listing may lag on network filesystems
-                problems.append(f"{self.url(name, rel)}: missing")
-                continue
-            if not self.local:
-                os.makedirs(os.path.dirname(where), exist_ok=True)
-                self.fs.get_file(self._join(name, rel), where)
-            digest = sha256_file(where)
+        if self.local:  # by name: a listing may lag on network filesystems
+            present = [rel for rel in wanted if os.path.exists(self._join(name, rel))]
+        else:  # object stores list consistently (and listings are not cached)
+            present = [rel for rel in wanted if rel in listed]
+            self._download(name, present)
+        problems += [f"{self.url(name, rel)}: missing" for rel in wanted if rel not in present]
+        for rel in present:
+            digest = sha256_file(os.path.join(self._local_dir(name), rel))
             if digest != files[rel]["sha256"]:
                 problems.append(f"{self.url(name, rel)}: sha256 {digest[:16]}... does not match the "
                                 f"manifest's {files[rel]['sha256'][:16]}... (corrupted or modified)")
         return problems
+
+    def _download(self, name: str, rels: list[str]) -> None:
+        """Fetch files of ``name`` into this rank's cache, concurrently (async filesystems such as
+        s3fs run a list of gets at once)."""
+        targets = [os.path.join(self._cache(name), rel) for rel in rels]
+        for target in targets:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        if rels:
+            self.fs.get([self._join(name, rel) for rel in rels], targets)
 
     def _load(self, engine, name: str, meta: dict, rejected: list) -> dict:
         step = meta["step"]
@@ -494,21 +513,10 @@ class Checkpointer:
                  for p in sorted(Path(out).rglob("*")) if p.is_file()}
         meta = {"format": FORMAT, "step": int(_STEP_DIR.fullmatch(name).group(1)), "source": name,
                 "world_size": None, "created": time.time(), "files": files}
-        manifest = json.dumps(meta, indent=1).encode()
-        marker = hashlib.sha256(manifest).hexdigest().encode()
-        final = self._join(sub)
-        self._remove(final)
-        if self.local:
-            _write_durable(os.path.join(out, MANIFEST), manifest)
-            _write_durable(os.path.join(out, MARKER), marker)
-            os.makedirs(self._join(UNIVERSAL), exist_ok=True)
-            os.rename(out, final)
-            fsync_dir(self._join(UNIVERSAL))
-        else:
-            for rel in files:
-                self.fs.put_file(os.path.join(out, rel), self._join(sub, rel))
-            self.fs.pipe_file(self._join(sub, MANIFEST), manifest)
-            self.fs.pipe_file(self._join(sub, MARKER), marker)
+        self._remove(sub)
+        if not self.local:
+            storage.upload_many((os.path.join(out, rel), self.url(sub, rel)) for rel in files)
+        self._seal(out, sub, meta)
         shutil.rmtree(stage_root, ignore_errors=True)
 
 
@@ -526,19 +534,3 @@ def describe_resume(state: Optional[dict]) -> str:
         text += f"; refused {len(r['rejected'])} newer checkpoint(s): " + ", ".join(
             f"step {x['step']}: {x['problems'][0]}" for x in r["rejected"])
     return text
-
-
-def _write_durable(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename inside ``path`` durable (POSIX: the directory entry is only safe once the directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

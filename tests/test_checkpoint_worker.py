@@ -3,9 +3,11 @@
 ``python -m torch.distributed.run --standalone --nproc_per_node N tests/test_checkpoint_worker.py ...``
 builds a tiny ViT under DeepSpeed (CPU, gloo), resumes through ``Checkpointer``, trains on a fixed
 set of generated images, saves every ``--every`` steps, and writes what the test checks to ``--out``:
-the resume report, the losses, and (rank 0) the full fp32 parameters and Adam moments after each
-save and right after the resume. ``--kill-at`` makes rank ``--kill-rank`` SIGKILL itself halfway
-through writing its optimizer file of that step's save.
+the resume report (written right after the resume, so a run killed later still tells what it
+resumed, and again at the end), the losses, and (rank 0) the full fp32 parameters and Adam moments
+after each save and right after the resume. ``--kill-at`` makes rank ``--kill-rank`` SIGKILL itself
+halfway through writing its optimizer file of that step's save; ``--kill-upload-at`` makes it
+SIGKILL itself after uploading half of its files of that step's save to object storage.
 """
 from __future__ import annotations
 
@@ -17,18 +19,16 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve()
 
 
-def torchrun(nproc: int, root: str | Path, out: Path, *args: str, objstore: Path | None = None
-             ) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, root: str | Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     """Run the worker on ``nproc`` CPU processes; returns the finished process (output captured).
-    With ``objstore``, ``objstore://`` roots live in that folder (see ``ObjectStoreFS``)."""
+    ``s3://`` roots reach the test S3 server through the ``AWS_*`` variables the ranks inherit."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    if objstore is not None:
-        env["OBJSTORE_ROOT"] = str(objstore)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKER), "--root", str(root), "--out", str(out), *args]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -52,23 +52,6 @@ def ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def register_object_store() -> None:
-    """``objstore://KEY``: a local folder ($OBJSTORE_ROOT) behind a non-local fsspec filesystem with
-    object-store semantics (no directories to make, writes anywhere), so ``Checkpointer`` takes its
-    object-storage path: private local staging, upload, completion marker, download and verify."""
-    import fsspec
-    from fsspec.implementations.dirfs import DirFileSystem
-    from fsspec.implementations.local import LocalFileSystem
-
-    class ObjectStoreFS(DirFileSystem):
-        protocol = "objstore"
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(path=os.environ["OBJSTORE_ROOT"], fs=LocalFileSystem(auto_mkdir=True))
-
-    fsspec.register_implementation("objstore", ObjectStoreFS, clobber=True)
-
-
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
@@ -79,6 +62,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--kill-upload-at", type=int, default=None)
     ap.add_argument("--kill-rank", type=int, default=1)
     return ap.parse_args(argv)
 
@@ -144,6 +128,28 @@ def kill_halfway(engine, step_box: list, kill_at: int) -> None:
     engine.checkpoint_engine.save = save
 
 
+def kill_uploading(step_box: list, kill_at: int) -> None:
+    """Wrap the Checkpointer's concurrent upload: at save ``kill_at`` upload the first half of this
+    rank's files (sorted), then SIGKILL."""
+    from pretrain import storage
+
+    real = storage.upload_many
+
+    def upload_many(pairs: Iterable[tuple[str, str]]) -> None:
+        pairs = sorted(pairs)
+        if step_box[0] == kill_at:
+            real(pairs[: len(pairs) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(pairs)
+
+    storage.upload_many = upload_many
+
+
+def write_report(out: str, rank: int, report: dict) -> None:
+    with open(os.path.join(out, f"report_rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     import torch
@@ -153,8 +159,6 @@ def main(argv=None) -> None:
     from pretrain.engine import import_deepspeed
     from pretrain.model import ViT, ViTConfig
 
-    if args.root.startswith("objstore://"):
-        register_object_store()
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -189,9 +193,12 @@ def main(argv=None) -> None:
             torch.save(resumed, os.path.join(args.out, f"resumed_{start}.pt"))
 
     report["eval"][start] = eval_loss(engine)
+    write_report(args.out, rank, report)
     step_box = [start]
     if args.kill_at is not None and rank == args.kill_rank:
         kill_halfway(engine, step_box, args.kill_at)
+    if args.kill_upload_at is not None and rank == args.kill_rank:
+        kill_uploading(step_box, args.kill_upload_at)
     for step in range(start + 1, args.steps + 1):
         x, y = batch(step, rank, world)
         loss = F.cross_entropy(engine(x.to(dtype)).float(), y)
@@ -206,8 +213,7 @@ def main(argv=None) -> None:
             if rank == 0:
                 torch.save(saved, os.path.join(args.out, f"saved_{step}.pt"))
     report["eval"][args.steps] = eval_loss(engine)
-    with open(os.path.join(args.out, f"report_rank{rank}.json"), "w") as f:
-        json.dump(report, f)
+    write_report(args.out, rank, report)
 
 
 if __name__ == "__main__":
