@@ -16,6 +16,7 @@ import yaml
 from pipelines.config import Config, flatten, to_dict
 from pipelines.tracking import client_for, stage_run, tracking_uri
 from pretrain import storage
+from pretrain.lease import Lease
 
 
 def _stages() -> list[tuple[str, Callable[[Config], bool], Callable[..., dict]]]:
@@ -46,8 +47,13 @@ def run_pipeline(cfg: Config, parent_run_id: Optional[str] = None) -> dict:
     """Run every unfinished stage; returns {stage: result or "skipped"} plus the summary text."""
     from pipelines.cluster import ensure_ray
 
-    ensure_ray(cfg.ray)
     results: dict[str, object] = {}
+    with Lease(cfg.workdir, "vitscale run"):
+        ensure_ray(cfg.ray)
+        return _run_stages(cfg, parent_run_id, results)
+
+
+def _run_stages(cfg: Config, parent_run_id: Optional[str], results: dict) -> dict:
     with stage_run(cfg, "pipeline", parent_run_id=parent_run_id) as run_id:
         _log_config(cfg, run_id)
         client = client_for(cfg)

@@ -26,6 +26,7 @@ from pipelines.shard_task import ShardJob, TaskContext, stats_name, stats_path, 
 from pipelines.sources import Plan, Table, fingerprint, plan_source, source_kind
 from pretrain import storage
 from pretrain.errors import InputError
+from pretrain.lease import Lease
 
 FORMAT = "vitscale-shards/1"
 MANIFEST = "manifest.json"
@@ -100,6 +101,11 @@ def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional
         _say(f"shard: {out} is complete ({manifest['totals']['ok']} images in "
              f"{manifest['totals']['shards']} shards); nothing to do")
         return manifest
+    with Lease(out, "vitscale shard"):
+        return _make_shards(cfg, out, digest, run_id)
+
+
+def _make_shards(cfg: Config, out: str, digest: str, run_id: Optional[str]) -> dict:
     plan, jobs = plan_stage(cfg, out, digest)
     present = set(storage.listdir(out))
     todo = [j for j in jobs if stats_name(j.index) not in present]
@@ -112,10 +118,7 @@ def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional
     seconds = time.perf_counter() - t0
     if errors:
         _log_metrics(tracker, written, seconds, len(jobs) - len(todo))
-        lines = "; ".join(f"{tar_path(out, j.index)}: {type(e).__name__}: {str(e).splitlines()[0]}"
-                          for j, e in errors[:5])
-        raise RuntimeError(f"shard: {len(errors)} of {len(todo)} shards failed ({lines}); "
-                           "rerun the stage to redo just those")
+        raise RuntimeError(failure_report(out, errors, len(todo)))
     manifest = build_manifest(cfg, out, plan, jobs, digest)
     storage.write_json(storage.join(out, MANIFEST), manifest)  # last: the dataset is complete
     storage.remove(storage.join(out, PLAN_DIR), recursive=True)
@@ -289,6 +292,36 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
     return written, errors
 
 
+def _cause(error: BaseException) -> BaseException:
+    """The exception a Ray task raised, not Ray's wrapper (whose first line names only the task)."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(getattr(error, "cause", None), BaseException):
+        return error.cause
+    return error
+
+
+def failure_report(out: str, errors: list[tuple[ShardJob, BaseException]], attempted: int) -> str:
+    """What failed, with each task's own exception and message, and advice that fits the cause."""
+    import errno
+
+    import ray
+
+    causes = [(job, _cause(e)) for job, e in errors]
+    lines = "; ".join(f"{tar_path(out, job.index)}: {type(c).__name__}: {(str(c).splitlines() or [''])[0]}"
+                      for job, c in causes[:5])
+    if any(isinstance(c, OSError) and c.errno == errno.ENOSPC for _, c in causes):
+        advice = (f"a disk is full (No space left on device): free space where the shards are written ({out}) or "
+                  f"in the workers' scratch ({storage.scratch_root()}; set $VITSCALE_SCRATCH), then rerun to redo "
+                  "just those shards")
+    elif any(isinstance(c, (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)) for _, c in causes):
+        advice = ("a worker process died (killed, or out of memory: fewer tasks in flight with "
+                  "shard.max_in_flight, or smaller shard.max_pixels); rerun to redo just those shards")
+    else:
+        advice = "rerun the stage to redo just those shards"
+    return f"shard: {len(errors)} of {attempted} shards failed ({lines}); {advice}"
+
+
 class Progress:
     """A progress bar on a terminal, a log line every ``LOG_EVERY_S`` otherwise; the running counts
     also go to MLflow as step metrics when a run is given."""
@@ -406,9 +439,9 @@ def cli_main(cfg: Config, args) -> int:
     """``vitscale shard CONFIG`` / ``vitscale shard --source SRC --out DIR`` (the source is already in cfg)."""
     from pipelines.tracking import stage_run
 
-    with stage_run(cfg, "shard") as run_id:
-        manifest = run_shard_stage(cfg, getattr(args, "out", None), run_id=run_id)
     out = shard_dir(cfg, getattr(args, "out", None))
+    with Lease(out, "vitscale shard"), stage_run(cfg, "shard") as run_id:
+        manifest = run_shard_stage(cfg, out, run_id=run_id)
     print(f"{manifest['totals']['ok']} images in {manifest['totals']['shards']} shards, "
           f"{manifest['num_classes']} classes: {storage.join(out, MANIFEST)}")
     return 0

@@ -16,6 +16,7 @@ import yaml
 from pipelines.config import Config, flatten, load_config, to_dict
 from pipelines.tracking import stage_run, tracking_uri
 from pretrain import storage
+from pretrain.lease import Lease
 from pretrain.loop import EXPORT_MARKER
 from pretrain.tracking import Tracker
 
@@ -58,14 +59,24 @@ def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
     Returns ``{"step", "metrics", "checkpoint_dir", "export_dir", "nodes"}`` (rank 0's view; ``nodes``
     is the Ray node id of each rank). A failure in the workers raises after ``max_failures`` restarts.
     """
+    from pipelines.cluster import ensure_ray
+
+    with Lease(checkpoint_root(cfg), "vitscale pretrain"):
+        ensure_ray(cfg.ray)
+        return _fit(cfg, run_id)
+
+
+def checkpoint_root(cfg: Config) -> str:
+    return storage.join(storage.absolute(cfg.workdir), "checkpoints")
+
+
+def _fit(cfg: Config, run_id: Optional[str]) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.cluster import ensure_ray
     from pretrain.checkpoint import describe_resume
 
     p = cfg.pretrain
-    ensure_ray(cfg.ray)
     config_path = write_resolved_config(cfg)
     uri = tracking_uri(cfg.tracking, cfg.workdir) if run_id else None
     spec = {"config": resolved_config(cfg), "source": config_path, "run_id": run_id, "tracking_uri": uri}
@@ -100,7 +111,7 @@ def pretrain_complete(cfg: Config) -> bool:
 
 
 def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
-    with stage_run(cfg, "pretrain") as run_id:
+    with Lease(checkpoint_root(cfg), "vitscale pretrain"), stage_run(cfg, "pretrain") as run_id:
         result = run_pretrain(cfg, run_id=run_id)
     loss = result["metrics"].get("loss")
     print(f"[vitscale] pretrain: step {result['step']}, loss {loss if loss is None else round(loss, 4)}, "

@@ -33,6 +33,7 @@ from pipelines.transfer_report import markdown_report, markdown_table, plot, row
 from pretrain.downstream import DatasetSpec, dataset_spec
 from pretrain.errors import InputError
 from pretrain import storage
+from pretrain.lease import Lease
 from pretrain.transfer import (FinetuneJob, ProbeJob, local_export, resolve_checkpoint, run_finetune, run_probe,
                                warmup_steps_for)
 
@@ -313,6 +314,11 @@ def run_transfer(cfg: Config, run_id: Optional[str] = None) -> dict:
     where each Ray task ran. Bad input (a missing dataset folder or checkpoint) raises ``InputError``
     before any work starts.
     """
+    with Lease(report_dir(cfg), "vitscale transfer"):
+        return _run_grid(cfg, run_id)
+
+
+def _run_grid(cfg: Config, run_id: Optional[str]) -> dict:
     from pipelines.cluster import ensure_ray
 
     t = cfg.transfer
@@ -354,7 +360,7 @@ def _publish_report(out: str, report: str, rows: list[dict], shots: list[int], r
 def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
     """``vitscale transfer CONFIG``: the stage in its own MLflow run; prints the table and where the report is."""
     check_inputs(cfg)  # bad input exits 2 before an MLflow run or Ray starts
-    with stage_run(cfg, "transfer") as run_id:
+    with Lease(report_dir(cfg), "vitscale transfer"), stage_run(cfg, "transfer") as run_id:
         result = run_transfer(cfg, run_id=run_id)
     print(result["table"], flush=True)
     print(f"[vitscale] transfer: report {result['report']}, plot {result['plot']}, MLflow run {run_id}", flush=True)

@@ -12,6 +12,7 @@ hands that dict to each Ray Train worker; Slurm users write it to a file and run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -70,6 +71,17 @@ def read_spec(path: str, run_id: Optional[str] = None, tracking_uri: Optional[st
             "tracking_uri": tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")}
 
 
+def _lease(spec: dict) -> contextlib.AbstractContextManager:
+    """Global rank 0 holds the checkpoint root's lease for the job (a second job on it is refused; the
+    launcher then stops this job's other ranks). Under Ray Train the driver holds it instead."""
+    from pretrain import storage
+    from pretrain.lease import Lease
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
+    return Lease(storage.join(str(spec["config"]["workdir"]), "checkpoints"), "pretrain.launch")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +91,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args(argv)
     try:
-        result = run_job(read_spec(args.config, args.run_id, args.tracking_uri))
+        spec = read_spec(args.config, args.run_id, args.tracking_uri)
+        with _lease(spec):
+            result = run_job(spec)
     except InputError as e:
         print(f"pretrain.launch: error: {e}", file=sys.stderr)
         return 2

@@ -14,16 +14,23 @@ MinIO/Ceph/R2, ``GOOGLE_APPLICATION_CREDENTIALS``), never from the config.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import io
 import json
+import logging
 import os
 import posixpath
+import random
 import shutil
 import tempfile
+import time
 import uuid
-from typing import IO, Any, Iterable, Optional
+from typing import IO, Any, Callable, Iterable, Optional
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_SUFFIX = ".tmp"
@@ -210,6 +217,40 @@ def write_json(location: str, data: Any, indent: Optional[int] = 1) -> None:
     write_bytes(location, (json.dumps(data, indent=indent, sort_keys=True) + "\n").encode())
 
 
+def create_exclusive(location: str, data: bytes) -> bool:
+    """Write ``data`` at ``location`` only if nothing is there; False when something is. Atomic: of two
+    callers at once, exactly one gets True (``O_EXCL`` locally, a conditional PUT with ``If-None-Match``
+    on S3 and S3-compatible stores; elsewhere a write that is read back, which narrows the race)."""
+    if not is_remote(location):
+        path = local_path(location)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = temporary_name(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if the name exists; the file appears whole, never half written
+        except FileExistsError:
+            return False
+        finally:
+            _unlink(tmp)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        return True
+    fs, path = filesystem(location)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "s3" in protocols:
+        try:
+            fs.pipe_file(path, data, IfNoneMatch="*")
+        except FileExistsError:
+            return False
+        return True
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return fs.cat_file(path) == data
+
+
 def publish_file(local_file: str, location: str) -> None:
     """Move a finished local file to ``location`` atomically: a rename on a filesystem (the file is
     fsynced first; across devices it is copied to a temporary beside the target, then renamed), one
@@ -323,3 +364,179 @@ def local_copy(location: str, names: Iterable[str]) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+# --------------------------------------------------------------------------- streaming reads
+#
+# One retry layer, ours. A GET through s3fs would be retried silently twice over: s3fs's
+# ``_error_wrapper`` (``retries=5``, each retry re-reading the whole range from its start) around
+# botocore's own retry handler (up to 5 attempts on resets, 5xx and throttling): up to 25 attempts
+# per request, none of them counted or logged. So objects on ``s3://`` are read with a client whose
+# botocore retries are off, called directly (no s3fs wrapper), and every transient error reaches
+# ``_ResumingReader``: it counts it, warns, backs off and resumes with a ranged GET from the byte it
+# had reached (pinned to the first response's ETag, so two versions of an object are never spliced),
+# at most ``READ_RETRIES`` times per opened stream; then the error is raised for the caller to skip
+# the object. Other fsspec backends (gs://, ...) keep their library's retries; what still gets
+# through them is resumed and counted here the same way.
+
+READ_RETRIES = 8  # per opened stream: a few resets per object are weather, more is a dead object or link
+RETRY_BACKOFF_S = 0.25  # the first wait; doubled per retry without new bytes in between
+RETRY_BACKOFF_MAX_S = 8.0
+STREAM_BUFFER = 1 << 20  # bytes handed to the reader per call: keeps the per-call overhead out of sight
+# Throttling and "try again" answers S3-compatible stores give with a 4xx (or any) status.
+RETRYABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException",
+                             "RequestLimitExceeded", "RequestTimeout", "RequestTimeoutException",
+                             "InternalError", "ServiceUnavailable"})
+NO_CLIENT_RETRIES = {"retries": {"total_max_attempts": 1}}  # botocore Config: one attempt per request
+
+_log = logging.getLogger(__name__)
+_jitter = random.Random()  # private: the loader's seeded generators must not see these draws
+
+
+def open_stream(location: str, on_retry: Optional[Callable[[BaseException], None]] = None) -> IO[bytes]:
+    """A forward-only binary stream of the object at ``location``, read as it is consumed (nothing is
+    downloaded ahead) and resumed at the byte where it broke after a transient error (see above).
+    ``on_retry(error)`` is called for each retry. A local path is a plain ``open``."""
+    if not is_remote(location):
+        return open(local_path(location), "rb")
+    opener = _S3Object(location).open_at if str(location).startswith(("s3://", "s3a://")) else _seek_opener(location)
+    return io.BufferedReader(_ResumingReader(str(location), opener, on_retry), STREAM_BUFFER)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth another try: the connection broke or timed out, or the store answered 429/5xx/slow down."""
+    response = getattr(error, "response", None)
+    if isinstance(response, dict) and "Error" in response:  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status == 429 or status >= 500 or response["Error"].get("Code") in RETRYABLE_CODES
+    return isinstance(error, _transient_types())
+
+
+@functools.cache
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Connection and timeout errors of the standard library and, when installed, of the HTTP stack
+    under s3fs/gcsfs (aiohttp) and of botocore (which has its own ``ConnectionError``)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    with contextlib.suppress(ImportError):
+        from botocore import exceptions as boto
+
+        types += [boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError]
+    return tuple(types)
+
+
+class _ResumingReader(io.RawIOBase):
+    """Bytes from ``open_at(offset)`` sources: after a transient error the source is reopened at the
+    byte reached, so the consumer sees one unbroken stream."""
+
+    def __init__(self, location: str, open_at: Callable[[int], IO[bytes]],
+                 on_retry: Optional[Callable[[BaseException], None]]):
+        super().__init__()
+        self.location, self._open_at, self._on_retry = location, open_at, on_retry
+        self.offset, self.retries, self._idle_retries = 0, 0, 0
+        self._source: Optional[IO[bytes]] = None
+        self._retrying(lambda: None)  # open now: a missing object fails here, not at the first read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._retrying(lambda: self._source.read(len(buffer)))
+        buffer[:len(data)] = data
+        self.offset += len(data)
+        if data:
+            self._idle_retries = 0
+        return len(data)
+
+    def close(self) -> None:
+        self._close_source()
+        super().close()
+
+    def _retrying(self, action: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                if self._source is None:
+                    self._source = self._open_at(self.offset)
+                return action()
+            except Exception as error:  # noqa: BLE001 - classified by is_transient
+                self._close_source()
+                self._before_retry(error)
+
+    def _before_retry(self, error: Exception) -> None:
+        """Count, warn and wait; or raise when the error is not transient or the retries are spent."""
+        if not is_transient(error):
+            raise error
+        if self.retries >= READ_RETRIES:
+            raise OSError(f"{self.location}: gave up at byte {self.offset} after {self.retries} retries "
+                          f"({type(error).__name__}: {error})") from error
+        self.retries += 1
+        wait = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** self._idle_retries) * _jitter.uniform(0.5, 1.0)
+        self._idle_retries += 1
+        _log.warning("%s: %s at byte %d, retry %d/%d in %.2f s: %s", self.location, type(error).__name__,
+                     self.offset, self.retries, READ_RETRIES, wait, error)
+        if self._on_retry is not None:
+            self._on_retry(error)
+        time.sleep(wait)
+
+    def _close_source(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close too
+                source.close()
+
+
+class _S3Object:
+    """Streaming GETs of one object from a given byte on, with a client that does not retry."""
+
+    def __init__(self, location: str):
+        self.fs, path = fsspec.core.url_to_fs(location, use_listings_cache=False, config_kwargs=NO_CLIENT_RETRIES)
+        self.bucket, self.key, self.version = self.fs.split_path(path)
+        self.etag: Optional[str] = None
+        self.size: Optional[int] = None
+
+    def open_at(self, offset: int) -> IO[bytes]:
+        if self.size is not None and offset >= self.size:
+            return io.BytesIO(b"")  # broke after the last byte: a ranged GET there would be a 416
+        request = {"Bucket": self.bucket, "Key": self.key}
+        if self.version:
+            request["VersionId"] = self.version
+        if offset:
+            request["Range"] = f"bytes={offset}-"
+        if self.etag:
+            request["IfMatch"] = self.etag
+        response = fsspec.asyn.sync(self.fs.loop, self._get, request)
+        if self.etag is None:
+            self.etag, self.size = response["ETag"], offset + int(response["ContentLength"])
+        return _AsyncBody(self.fs.loop, response["Body"])
+
+    async def _get(self, request: dict) -> dict:
+        await self.fs.set_session()
+        client = await self.fs.get_s3(self.bucket)
+        return await client.get_object(**request)
+
+
+class _AsyncBody:
+    """An aiobotocore response body read from this thread, chunk by chunk as the bytes arrive."""
+
+    def __init__(self, loop: Any, body: Any):
+        self._loop, self._body = loop, body
+
+    def read(self, size: int) -> bytes:
+        return fsspec.asyn.sync(self._loop, self._body.read, size)
+
+    def close(self) -> None:
+        fsspec.asyn.sync(self._loop, self._body.aclose)
+
+
+def _seek_opener(location: str) -> Callable[[int], IO[bytes]]:
+    fs, path = filesystem(location)
+
+    def open_at(offset: int) -> IO[bytes]:
+        f = fs.open(path, "rb")
+        f.seek(offset)
+        return f
+
+    return open_at
