@@ -10,6 +10,7 @@ import signal
 import tarfile
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,14 +25,14 @@ from shard_inputs import BAD_FILES, MAX_PIXELS, UNUSUAL_FILES, ImageServer, jpeg
 CLASSES = ["bird", "cat", "dog"]
 
 
-def make_folder(root, per_class: int = 7) -> dict[str, bytes]:
-    """Class subfolders of JPEGs, some larger than the stage's image size (resized), some smaller (kept)."""
+def make_folder(root, per_class: int = 7, size: Optional[tuple[int, int]] = None) -> dict[str, bytes]:
+    """Class subfolders of JPEGs, some larger than the stage's image size (resized), some smaller (kept);
+    all of ``size`` when given."""
     files = {}
     for c, name in enumerate(CLASSES):
         os.makedirs(root / name, exist_ok=True)
         for i in range(per_class):
-            size = (120, 80) if i % 2 else (40, 36)
-            data = jpeg(100 * c + i, size)
+            data = jpeg(100 * c + i, size or ((120, 80) if i % 2 else (40, 36)))
             (root / name / f"{i:02d}.jpg").write_bytes(data)
             files[f"{name}/{i:02d}.jpg"] = data
     return files
