@@ -6,15 +6,13 @@ the last one stopped (and a finished pipeline only prints its summary again).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
 
 from pipelines.config import Config, flatten, to_dict
-from pipelines.tracking import client_for, stage_run, tracking_uri
+from pipelines.tracking import stage_run, tracker_for, tracking_uri
 from pretrain import storage
 from pretrain.lease import Lease
 
@@ -32,17 +30,6 @@ def _stages() -> list[tuple[str, Callable[[Config], bool], Callable[..., dict]]]
     ]
 
 
-def _log_config(cfg: Config, run_id: str) -> None:
-    client = client_for(cfg)
-    params = flatten(cfg)
-    for key, value in params.items():
-        client.log_param(run_id, key, str(value)[:6000])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        client.log_artifact(run_id, str(path))
-
-
 def run_pipeline(cfg: Config, parent_run_id: Optional[str] = None) -> dict:
     """Run every unfinished stage; returns {stage: result or "skipped"} plus the summary text."""
     from pipelines.cluster import ensure_ray
@@ -55,22 +42,26 @@ def run_pipeline(cfg: Config, parent_run_id: Optional[str] = None) -> dict:
 
 def _run_stages(cfg: Config, parent_run_id: Optional[str], results: dict) -> dict:
     with stage_run(cfg, "pipeline", parent_run_id=parent_run_id) as run_id:
-        _log_config(cfg, run_id)
-        client = client_for(cfg)
-        for name, complete, run_stage in _stages():
-            if complete(cfg):
-                print(f"[vitscale] {name}: output complete, skipped", flush=True)
-                results[name] = "skipped"
-                client.set_tag(run_id, f"vitscale.{name}", "skipped")
-                continue
-            print(f"[vitscale] {name}: starting", flush=True)
-            t0 = time.time()
-            with stage_run(cfg, name, parent_run_id=run_id) as stage_run_id:
-                results[name] = run_stage(cfg, run_id=stage_run_id)
-            seconds = time.time() - t0
-            client.log_metric(run_id, f"{name}_seconds", seconds)
-            client.set_tag(run_id, f"vitscale.{name}", "done")
-            print(f"[vitscale] {name}: done in {seconds:.0f} s", flush=True)
+        tracker = tracker_for(cfg, run_id)
+        try:
+            tracker.log_params(flatten(cfg))
+            tracker.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+            for name, complete, run_stage in _stages():
+                if complete(cfg):
+                    print(f"[vitscale] {name}: output complete, skipped", flush=True)
+                    results[name] = "skipped"
+                    tracker.set_tags({f"vitscale.{name}": "skipped"})
+                    continue
+                print(f"[vitscale] {name}: starting", flush=True)
+                t0 = time.time()
+                with stage_run(cfg, name, parent_run_id=run_id) as stage_run_id:
+                    results[name] = run_stage(cfg, run_id=stage_run_id)
+                seconds = time.time() - t0
+                tracker.log_metrics({f"{name}_seconds": seconds}, step=0)
+                tracker.set_tags({f"vitscale.{name}": "done"})
+                print(f"[vitscale] {name}: done in {seconds:.0f} s", flush=True)
+        finally:
+            tracker.close()
         results["summary"] = summary(cfg)
         results["run_id"] = run_id
     print(results["summary"], flush=True)

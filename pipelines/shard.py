@@ -24,9 +24,11 @@ from pipelines.config import Config, ShardConfig
 from pipelines.images import ImageSettings
 from pipelines.shard_task import ShardJob, TaskContext, stats_name, stats_path, tar_path, temporaries, write_shard
 from pipelines.sources import Plan, Table, fingerprint, plan_source, source_kind
+from pipelines.tracking import tracker_for
 from pretrain import storage
 from pretrain.errors import InputError
 from pretrain.lease import Lease
+from pretrain.tracking import Tracker
 
 FORMAT = "vitscale-shards/1"
 MANIFEST = "manifest.json"
@@ -112,18 +114,21 @@ def _make_shards(cfg: Config, out: str, digest: str, run_id: Optional[str]) -> d
     _say(f"shard: {cfg.shard.source} -> {out}: {plan.num_rows} rows, {len(jobs)} shards "
          f"({len(jobs) - len(todo)} already done), {len(plan.label_names)} classes")
     ctx = TaskContext(plan.table, plan.label_names, ImageSettings.from_config(cfg.shard), cfg.shard.download, out)
-    tracker = Tracker(cfg, run_id)
-    t0 = time.perf_counter()
-    written, errors = _run_tasks(cfg, ctx, todo, len(jobs), tracker)
-    seconds = time.perf_counter() - t0
-    if errors:
-        _log_metrics(tracker, written, seconds, len(jobs) - len(todo))
-        raise RuntimeError(failure_report(out, errors, len(todo)))
-    manifest = build_manifest(cfg, out, plan, jobs, digest)
-    storage.write_json(storage.join(out, MANIFEST), manifest)  # last: the dataset is complete
-    storage.remove(storage.join(out, PLAN_DIR), recursive=True)
-    _log_metrics(tracker, written, seconds, len(jobs) - len(todo), manifest)
-    tracker.artifact_json(MANIFEST, manifest)
+    tracker = tracker_for(cfg, run_id)
+    try:
+        t0 = time.perf_counter()
+        written, errors = _run_tasks(cfg, ctx, todo, len(jobs), tracker)
+        seconds = time.perf_counter() - t0
+        if errors:
+            _log_metrics(tracker, written, seconds, len(jobs) - len(todo))
+            raise RuntimeError(failure_report(out, errors, len(todo)))
+        manifest = build_manifest(cfg, out, plan, jobs, digest)
+        storage.write_json(storage.join(out, MANIFEST), manifest)  # last: the dataset is complete
+        storage.remove(storage.join(out, PLAN_DIR), recursive=True)
+        _log_metrics(tracker, written, seconds, len(jobs) - len(todo), manifest)
+        tracker.log_dict(manifest, MANIFEST)
+    finally:
+        tracker.close()
     t = manifest["totals"]
     _say(f"shard: done: {t['ok']} images ok, {t['failed']} failed, {t['shards']} shards, "
          f"{t['bytes'] / 1e6:.1f} MB in {out}")
@@ -248,7 +253,7 @@ def _shard_task(ctx: TaskContext, job: ShardJob) -> dict:
 
 
 def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards: int,
-               tracker: "Tracker") -> tuple[list[dict], list[tuple[ShardJob, Exception]]]:
+               tracker: Tracker) -> tuple[list[dict], list[tuple[ShardJob, Exception]]]:
     """Run the shard tasks, at most ``max_in_flight`` at a time; return their stats and the failures."""
     import ray
 
@@ -326,7 +331,7 @@ class Progress:
     """A progress bar on a terminal, a log line every ``LOG_EVERY_S`` otherwise; the running counts
     also go to MLflow as step metrics when a run is given."""
 
-    def __init__(self, total: int, done: int, tracker: "Tracker"):
+    def __init__(self, total: int, done: int, tracker: Tracker):
         self.total, self.done, self.tracker = total, done, tracker
         self.ok = self.failed = 0
         self.t0 = self.last = time.perf_counter()
@@ -352,8 +357,8 @@ class Progress:
             if self.bar is None:
                 _say(f"shard: {self.done}/{self.total} shards, {self.ok} images ok, {self.failed} failed, "
                      f"{self.rate():.0f} images/s")
-            self.tracker.log({"shard.progress_shards": self.done, "shard.progress_images_per_s": self.rate()},
-                             step=self.ok + self.failed)
+            self.tracker.log_metrics({"shard.progress_shards": self.done,
+                                      "shard.progress_images_per_s": self.rate()}, step=self.ok + self.failed)
 
     def fail(self, job: ShardJob) -> None:
         _say(f"shard: shard {job.index:06d} failed")
@@ -391,28 +396,6 @@ def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], 
     }
 
 
-class Tracker:
-    """Stage metrics to the MLflow run ``run_id`` of the config's tracking store; a no-op without a run."""
-
-    def __init__(self, cfg: Config, run_id: Optional[str]):
-        from pipelines.tracking import client_for
-
-        self.run_id = run_id
-        self.client = client_for(cfg) if run_id else None
-
-    def log(self, values: dict, step: int = 0) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-
-    def artifact_json(self, name: str, data: dict) -> None:
-        if self.client is not None:
-            self.client.log_dict(self.run_id, data, name)
-
-
 def _log_metrics(tracker: Tracker, written: list[dict], seconds: float, skipped: int,
                  manifest: Optional[dict] = None) -> None:
     """This run's work (images/s counts only what it did) and, when finished, the dataset's totals."""
@@ -429,7 +412,7 @@ def _log_metrics(tracker: Tracker, written: list[dict], seconds: float, skipped:
     if manifest:
         values.update({f"shard.dataset_{k}": v for k, v in manifest["totals"].items()})
         values["shard.num_classes"] = manifest["num_classes"]
-    tracker.log(values)
+    tracker.log_metrics(values, step=0)
 
 
 # --------------------------------------------------------------------------- command line

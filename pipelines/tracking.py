@@ -3,10 +3,16 @@
 The driver process owns a stage's run: it creates it, hands its id to whoever logs (Ray workers log
 to it by id from rank 0 only), and ends it FINISHED, FAILED (an exception) or KILLED (SIGTERM or
 Ctrl-C). Under ``vitscale run`` each stage's run is nested under one parent run.
+
+An MLflow outage never stops a stage: everything after the run's creation goes through the queued
+``pretrain.tracking.Tracker``; a run that cannot be created is skipped with a warning (the stage
+runs untracked); ending it waits a bounded time for the server (``pretrain.tracking.end_run``), and a
+stage that succeeded still exits 0 when that fails.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 from pathlib import Path
@@ -14,6 +20,9 @@ from typing import Iterator, Optional
 
 from pipelines.config import Config, ConfigError, TrackingConfig
 from pretrain import storage
+from pretrain.tracking import Tracker, bound_mlflow_http, end_run
+
+log = logging.getLogger(__name__)
 
 
 class Terminated(BaseException):
@@ -57,7 +66,14 @@ def experiment_id(client, tracking: TrackingConfig, workdir: str) -> str:
 def client_for(cfg: Config):
     import mlflow
 
+    bound_mlflow_http()
     return mlflow.MlflowClient(tracking_uri=tracking_uri(cfg.tracking, cfg.workdir))
+
+
+def tracker_for(cfg: Config, run_id: Optional[str]) -> Tracker:
+    """The stage driver's queued, outage-tolerant logger for run ``run_id`` (a no-op without one)."""
+    bound_mlflow_http()
+    return Tracker(tracking_uri(cfg.tracking, cfg.workdir) if run_id else None, run_id)
 
 
 @contextlib.contextmanager
@@ -84,17 +100,11 @@ def stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None,
     ``parent_run_id`` nests it (``vitscale run``). The id is also exported as ``MLFLOW_RUN_ID`` so
     that ``mlflow.*`` calls in this process land in it.
     """
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
     client = client_for(cfg)
-    exp = experiment_id(client, cfg.tracking, cfg.workdir)
-    all_tags = {MLFLOW_RUN_NAME: f"{cfg.name}-{stage}", "vitscale.stage": stage, **(tags or {})}
-    if parent_run_id:
-        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(exp, tags=all_tags, run_name=f"{cfg.name}-{stage}")
-    run_id = run.info.run_id
+    run_id = _create_run(client, cfg, stage, parent_run_id, tags)
     previous = os.environ.get("MLFLOW_RUN_ID")
-    os.environ["MLFLOW_RUN_ID"] = run_id
+    if run_id:
+        os.environ["MLFLOW_RUN_ID"] = run_id
     status = "FAILED"
     try:
         with _sigterm_raises():
@@ -108,4 +118,23 @@ def stage_run(cfg: Config, stage: str, parent_run_id: Optional[str] = None,
             os.environ.pop("MLFLOW_RUN_ID", None)
         else:
             os.environ["MLFLOW_RUN_ID"] = previous
-        client.set_terminated(run_id, status)
+        end_run(client, run_id, status)
+
+
+def _create_run(client, cfg: Config, stage: str, parent_run_id: Optional[str], tags: Optional[dict]) -> Optional[str]:
+    """A new run's id; None (with a warning) when the server cannot be reached: the stage goes on."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    all_tags = {MLFLOW_RUN_NAME: f"{cfg.name}-{stage}", "vitscale.stage": stage, **(tags or {})}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    try:
+        exp = experiment_id(client, cfg.tracking, cfg.workdir)
+        return client.create_run(exp, tags=all_tags, run_name=f"{cfg.name}-{stage}").info.run_id
+    except (MlflowException, OSError) as e:
+        log.warning("MLflow unreachable at %s (%s: %s); the %s stage runs without an MLflow run",
+                    client.tracking_uri, type(e).__name__, str(e)[:200], stage)
+        print(f"[vitscale] {stage}: MLflow unreachable at {client.tracking_uri}; running without an MLflow run",
+              flush=True)
+        return None

@@ -14,11 +14,10 @@ from typing import Optional
 import yaml
 
 from pipelines.config import Config, flatten, load_config, to_dict
-from pipelines.tracking import stage_run, tracking_uri
+from pipelines.tracking import stage_run, tracker_for, tracking_uri
 from pretrain import storage
 from pretrain.lease import Lease
 from pretrain.loop import EXPORT_MARKER
-from pretrain.tracking import Tracker
 
 RESOLVED_CONFIG = "config.resolved.yaml"
 
@@ -80,7 +79,7 @@ def _fit(cfg: Config, run_id: Optional[str]) -> dict:
     config_path = write_resolved_config(cfg)
     uri = tracking_uri(cfg.tracking, cfg.workdir) if run_id else None
     spec = {"config": resolved_config(cfg), "source": config_path, "run_id": run_id, "tracking_uri": uri}
-    driver = Tracker(uri, run_id)  # tolerant: an unreachable server must not stop the job
+    driver = tracker_for(cfg, run_id)  # tolerant: an unreachable server must not stop the job
     driver.log_params(flatten(cfg))
     driver.log_text(yaml.safe_dump(spec["config"], sort_keys=False), RESOLVED_CONFIG)
     trainer = TorchTrainer(

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,16 +29,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipelines.config import Config, flatten, to_dict
-from pipelines.tracking import stage_run, tracking_uri
+from pipelines.tracking import client_for, stage_run, tracker_for
 from pipelines.transfer_report import markdown_report, markdown_table, plot, row_label, write_json
 from pretrain.downstream import DatasetSpec, dataset_spec
 from pretrain.errors import InputError
 from pretrain import storage
 from pretrain.lease import Lease
+from pretrain.tracking import end_run
 from pretrain.transfer import (FinetuneJob, ProbeJob, local_export, resolve_checkpoint, run_finetune, run_probe,
                                warmup_steps_for)
 
 REPORT_DIR = "transfer"
+log = logging.getLogger(__name__)
 REPORT, PLOT, RESULTS = "report.md", "plot.png", "results.json"
 
 
@@ -88,26 +91,39 @@ def probe_cell(job: ProbeJob) -> dict:
 
 
 class NestedRuns:
-    """Nested MLflow runs under the stage's run (a no-op without one); the driver alone writes."""
+    """Nested MLflow runs under the stage's run (a no-op without one); the driver alone writes, through
+    the stage's queued tracker, so an MLflow outage never stops the grid. Runs whose end was lost in an
+    outage are ended in ``close`` once the server answers again (bounded wait)."""
 
     def __init__(self, cfg: Config, parent_run_id: Optional[str]):
         self.parent = parent_run_id
-        if parent_run_id:
-            import mlflow
-
-            self.client = mlflow.MlflowClient(tracking_uri(cfg.tracking, cfg.workdir))
-            self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        self.tracker = tracker_for(cfg, parent_run_id)
+        self.client = client_for(cfg) if parent_run_id else None
+        self._experiment: Optional[str] = None
+        self._ends: dict[str, str] = {}  # run id -> status, until the server confirms it
+        self._unreachable = False
 
     def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> Optional[str]:
+        """A nested run's id, or None when MLflow cannot be reached (that cell runs untracked)."""
         if not self.parent:
             return None
         from mlflow.entities import Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: name, **tags})
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        return run.info.run_id
+        try:
+            self._experiment = self._experiment or self.client.get_run(self.parent).info.experiment_id
+            run_id = self.client.create_run(self._experiment, run_name=name, tags={
+                MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: name, **tags}).info.run_id
+        except Exception as e:  # noqa: BLE001 - the tracking server's failure is not the stage's
+            if not self._unreachable:
+                log.warning("MLflow unreachable (%s: %s): nested runs are skipped while it is down",
+                            type(e).__name__, str(e)[:200])
+            self._unreachable = True
+            return None
+        self._unreachable = False
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        self.tracker.call(lambda c: c.log_batch(run_id, params=batch))
+        return run_id
 
     def log(self, run_id: Optional[str], metrics: dict[str, float], curve: Optional[list] = None) -> None:
         if not run_id:
@@ -118,25 +134,31 @@ class NestedRuns:
         batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         batch += [Metric("loss", float(loss), now, int(step)) for step, loss in (curve or [])]
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
-            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+            chunk = batch[i : i + 1000]
+            self.tracker.call(lambda c, chunk=chunk: c.log_batch(run_id, metrics=chunk))
 
     def end(self, run_id: Optional[str], status: str = "FINISHED") -> None:
-        if run_id:
-            self.client.set_terminated(run_id, status)
+        if not run_id:
+            return
+        self._ends[run_id] = status
+
+        def terminate(c) -> None:
+            c.set_terminated(run_id, status)
+            self._ends.pop(run_id, None)
+
+        self.tracker.call(terminate)
 
     def stage(self, metrics: dict[str, float], params: dict[str, Any], artifacts: list[Path]) -> None:
         """Summary metrics, the transfer config and the report files on the stage's own run."""
-        if not self.parent:
-            return
-        from mlflow.entities import Metric, Param
-
-        now = int(time.time() * 1000)
-        existing = self.client.get_run(self.parent).data.params
-        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                              params=new)
+        self.tracker.log_metrics(metrics, step=0)
+        self.tracker.log_params(params)
         for path in artifacts:
-            self.client.log_artifact(self.parent, str(path), artifact_path=REPORT_DIR)
+            self.tracker.log_artifact(str(path), artifact_path=REPORT_DIR)
+
+    def close(self) -> None:
+        self.tracker.close()
+        for run_id, status in list(self._ends.items()):
+            end_run(self.client, run_id, status)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -321,10 +343,17 @@ def run_transfer(cfg: Config, run_id: Optional[str] = None) -> dict:
 def _run_grid(cfg: Config, run_id: Optional[str]) -> dict:
     from pipelines.cluster import ensure_ray
 
-    t = cfg.transfer
     specs, export_dir, vit = check_inputs(cfg)
     ensure_ray(cfg.ray)
     runs = NestedRuns(cfg, run_id)
+    try:
+        return _grid_and_report(cfg, specs, export_dir, vit, runs)
+    finally:
+        runs.close()
+
+
+def _grid_and_report(cfg: Config, specs: dict[str, DatasetSpec], export_dir: str, vit: Any, runs: NestedRuns) -> dict:
+    t = cfg.transfer
     grid = Grid(cfg, export_dir, specs, runs)
     grid.start(["pretrained", "scratch"] if t.compare_scratch else ["pretrained"])
     rows = grid.wait_all()

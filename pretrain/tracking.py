@@ -1,15 +1,18 @@
-"""MLflow logging from a training process: rank 0 only, to an existing run by id, never in the way.
+"""MLflow logging that never gets in the way: rank 0 of a training job, and every stage's driver.
 
 Calls queue work for a background thread that talks to MLflow through ``MlflowClient``. When the
 server is unreachable the thread warns once, retries each item for at most ``retry_s`` seconds, then
-drops it and tries the next item once; training itself never waits on the network, and ``close``
-returns within a bounded time.
+drops it and tries the next item once; the caller never waits on the network, and ``close`` returns
+within a bounded time. Ending a run (``end_run``) is the one call that waits, for a bounded time, for
+a server that is down to come back, so that runs are not left RUNNING by a short outage.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -35,10 +38,7 @@ class Tracker:
         if not self.enabled:
             return
         if bound_http:
-            # MLflow's own HTTP retries back off for minutes; ours are bounded, so theirs go. Only set
-            # when the user did not choose, and only in processes that own nothing else of MLflow.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            bound_mlflow_http()
         import mlflow
 
         self._client = mlflow.MlflowClient(tracking_uri=uri)
@@ -69,13 +69,33 @@ class Tracker:
             self._put(lambda c, chunk=chunk: c.log_batch(self.run_id, params=chunk))
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
-        if self.enabled:
-            self._put(lambda c: c.log_artifact(self.run_id, path, artifact_path))
+        """Queue a copy of the local file ``path`` (taken now: the caller may delete or rewrite it)."""
+        if not self.enabled:
+            return
+        folder = tempfile.mkdtemp(prefix="vitscale-artifact-")
+        copy = shutil.copy(path, folder)
+
+        def upload(c) -> None:
+            try:
+                c.log_artifact(self.run_id, copy, artifact_path)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        self._put(upload)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Queue ``text`` as the artifact ``artifact_file`` (no local file needed: workdirs may be remote)."""
         if self.enabled:
             self._put(lambda c: c.log_text(self.run_id, text, artifact_file))
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        if self.enabled:
+            self._put(lambda c: c.log_dict(self.run_id, data, artifact_file))
+
+    def call(self, op: Callable[[Any], Any]) -> None:
+        """Queue any ``MlflowClient`` call, ``op(client)`` (e.g. on a nested run of this one)."""
+        if self.enabled:
+            self._put(op)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
@@ -140,3 +160,33 @@ class Tracker:
                 self._down = False
                 log.warning("MLflow tracking reachable again (%d items dropped)", self.dropped)
             return
+
+
+def bound_mlflow_http() -> None:
+    """MLflow's own HTTP retries back off for minutes; ours are bounded, so theirs go. Only set when the
+    user did not choose, and only in vitscale's own processes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+END_WAIT_S = 60.0
+
+
+def end_run(client, run_id: Optional[str], status: str, wait_s: float = END_WAIT_S) -> bool:
+    """End ``run_id`` with ``status``, retrying for up to ``wait_s`` while the server is unreachable.
+    Never raises: False (with a warning) when the run could not be ended."""
+    if not run_id:
+        return True
+    deadline = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            client.set_terminated(run_id, status)
+            return True
+        except Exception as e:  # noqa: BLE001 - the tracking server's failure is not the stage's
+            if time.monotonic() + delay > deadline:
+                log.warning("MLflow run %s could not be ended %s (%s: %s); it stays RUNNING in the UI",
+                            run_id, status, type(e).__name__, str(e)[:200])
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -3,7 +3,6 @@ tests): the S3 endpoint is chosen and exported at import, before Ray or torchrun
 that inherit the environment."""
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -12,7 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Optional
 
 
 def free_port() -> int:
@@ -32,34 +31,45 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
 
 
-@contextlib.contextmanager
-def mlflow_server(folder: Path, artifacts_destination: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real ``mlflow server`` on a free 127.0.0.1 port, sqlite store in ``folder``, artifacts proxied
-    to ``artifacts_destination`` (a folder, or ``s3://...`` as infra/mlflow does); yields (uri, process)."""
-    port = free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    log_path = folder / "mlflow-server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-             "--artifacts-destination", artifacts_destination],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (``port``, or a free one), sqlite store in ``folder``,
+    artifacts proxied to ``artifacts_destination`` (a folder, or ``s3://...`` as infra/mlflow does).
+    ``kill()`` pulls the plug (SIGKILL); ``start()`` brings the same server back (same store, port)."""
+
+    def __init__(self, folder: Path, artifacts_destination: str, port: Optional[int] = None):
+        self.folder, self.artifacts = folder, artifacts_destination
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "MlflowServer":
+        mlflow = Path(sys.executable).parent / "mlflow"
+        log_path = self.folder / "mlflow-server.log"
+        with log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+                 "--artifacts-destination", self.artifacts],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return self
             except OSError:
                 pass
-            assert proc.poll() is None, log_path.read_text()[-2000:]
+            assert self.proc.poll() is None, log_path.read_text()[-2000:]
             assert time.monotonic() < deadline, "mlflow server did not answer /health"
             time.sleep(0.5)
-        yield uri, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group we started: the server and its worker
-            proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group we started: the server and its worker
+            self.proc.wait()
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

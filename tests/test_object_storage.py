@@ -15,7 +15,7 @@ from pipelines.cli import main as cli
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
 from pretrain import storage
-from servers import mlflow_server
+from servers import MlflowServer
 from test_run import SMALL
 
 
@@ -29,7 +29,8 @@ def _objects(url: str) -> set[str]:
 @pytest.mark.timeout(600)
 def test_run_on_an_s3_workdir_then_rerun_skips(ray_local, s3_bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stray local folder named "s3:" would appear here
-    with mlflow_server(tmp_path, f"{s3_bucket}/mlflow") as (uri, _):
+    with MlflowServer(tmp_path, f"{s3_bucket}/mlflow") as server:
+        uri = server.uri
         cfg = load_config(None, [f"workdir={s3_bucket}/run", f"tracking.uri={uri}", "tracking.experiment=s3", *SMALL])
         first = run_pipeline(cfg)
         objects = _objects(f"{s3_bucket}/run")

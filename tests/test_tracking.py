@@ -4,75 +4,76 @@ with few-shot evaluation on real digits, beside a ``torchrun`` twin that must gi
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 
 import pytest
 
 from pipelines.config import flatten, replace
-from pipelines.tracking import experiment_id
+from pipelines.tracking import stage_run
 from pipelines.train_job import run_pretrain
 from pretrain.tracking import Tracker
-from servers import free_port
-from servers import mlflow_server as start_mlflow_server
+from servers import MlflowServer, free_port
 from test_train_job import check_trained, logged, run_twins, train_config, write_shards
 
 STEPS = 12
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """``mlflow server`` with a sqlite store on a free port; yields (uri, process)."""
-    with start_mlflow_server(tmp_path, str(tmp_path / "server-artifacts")) as server:
-        yield server
-
-
 @pytest.mark.timeout(500)
-def test_one_run_gets_params_artifact_metrics_and_a_dead_server_does_not_stop_training(
-        mlflow_server, ray_local, tmp_path):
+def test_one_run_gets_params_artifact_metrics_and_a_dead_server_does_not_stop_training(ray_local, tmp_path):
+    """The stage's run as `vitscale pretrain` makes it; the server is killed mid-run and started again on
+    the same store and port: training goes to the end and the run ends FINISHED."""
     import mlflow
 
-    uri, server = mlflow_server
+    server = MlflowServer(tmp_path, str(tmp_path / "server-artifacts")).start()
+    uri = server.uri
     shards = write_shards(tmp_path / "shards")
     fewshot = {"steps": STEPS, "fewshot": {"datasets": ["digits"], "shots": [1, 5], "every": STEPS // 2}}
     cfg_ray = replace(train_config(tmp_path / "ray", shards, stage=3, **fewshot),
                       **{"tracking.uri": uri, "tracking.experiment": "server-test"})
     cfg_torchrun = train_config(tmp_path / "torchrun", shards, stage=3, **fewshot)
     client = mlflow.MlflowClient(uri)
-    exp = experiment_id(client, cfg_ray.tracking, cfg_ray.workdir)
-    run_id = client.create_run(exp).info.run_id
     seen: dict = {}
+
+    def stage(cfg, out: dict) -> None:
+        with stage_run(cfg, "pretrain") as run_id:
+            out["run_id"] = run_id
+            out.update(_call(run_pretrain, cfg, run_id))
 
     def train_and_kill_the_server(cfg):
         out: dict = {}
-        worker = threading.Thread(target=lambda: out.update(_call(run_pretrain, cfg, run_id)))
+        worker = threading.Thread(target=stage, args=(cfg, out))
         worker.start()
         while worker.is_alive():
-            losses = client.get_metric_history(run_id, "loss")
+            losses = client.get_metric_history(out["run_id"], "loss") if "run_id" in out else []
             if losses:  # metrics flow: look at the run, then pull the plug
+                exp = client.get_experiment_by_name("server-test").experiment_id
                 seen["runs"] = client.search_runs([exp])
-                seen["artifacts"] = [f.path for f in client.list_artifacts(run_id)]
+                seen["artifacts"] = [f.path for f in client.list_artifacts(out["run_id"])]
                 seen["losses"] = len(losses)
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+                server.kill()
+                server.start()  # back, while training goes on without it
                 break
             time.sleep(0.2)
         worker.join()
         if "error" in out:
             raise out["error"]
-        return out["result"]
+        return {**out["result"], "run_id": out["run_id"]}
 
-    result = run_twins(cfg_ray, cfg_torchrun, train_and_kill_the_server, tmp_path / "torchrun.log")
+    try:
+        result = run_twins(cfg_ray, cfg_torchrun, train_and_kill_the_server, tmp_path / "torchrun.log")
+        final = client.get_run(result["run_id"])
+    finally:
+        server.kill()
 
     assert "runs" in seen, "training ended before its first metric reached the server"
-    assert [r.info.run_id for r in seen["runs"]] == [run_id]  # one run per job, not one per rank
+    assert [r.info.run_id for r in seen["runs"]] == [result["run_id"]]  # one run per job, not one per rank
     params = seen["runs"][0].data.params
     assert params["pretrain.zero_stage"] == "3" and len(params) == len(flatten(cfg_ray))
     assert "config.resolved.yaml" in seen["artifacts"]
     assert 1 <= seen["losses"] < STEPS  # killed mid-run ...
     check_trained(cfg_ray, cfg_torchrun, result)  # ... and training went on to the end
+    assert final.info.status == "FINISHED" and final.info.end_time  # ended once the server was back
     keys = ("step", "fewshot_digits_1shot", "fewshot_digits_5shot")
     shots, twin = ([tuple(r[k] for k in keys) for r in logged(c.workdir) if keys[-1] in r] for c in (cfg_ray, cfg_torchrun))
     assert [s[0] for s in shots] == [STEPS // 2, STEPS]
