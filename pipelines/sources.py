@@ -281,7 +281,8 @@ def _open_text(source: str):
 
 def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWriter,
                 labels: _LabelCollector) -> None:
-    """Column-wise, batch by batch: no Python work per row, only per distinct label of a batch."""
+    """Column-wise, batch by batch: no Python work per row, only per distinct label of a batch. A row
+    with too few or too many cells is recorded as ``bad_row`` with its line number, not fatal."""
     import fsspec
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -290,11 +291,20 @@ def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWr
     cols = [shard.path_column, shard.label_column]
     missing_label = pa.scalar("bad_label: missing label", pa.string())
     no_text = pa.scalar(None, pa.string())
+    ragged: list[str] = []
+
+    def skip_ragged(row) -> str:
+        ragged.append(f"bad_row: line {row.number} has {row.actual_columns} cells, the header "
+                      f"{row.expected_columns}: {row.text[:120]!r}")
+        return "skip"
+
     with fsspec.open(source, "rb", compression="infer") as f:
         try:
             reader = pacsv.open_csv(
-                f, read_options=pacsv.ReadOptions(block_size=1 << 22),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                # One thread: ragged rows are reported in file order, so plans (and shards) are reproducible.
+                f, read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                                 invalid_row_handler=skip_ragged),
                 convert_options=pacsv.ConvertOptions(include_columns=cols, strings_can_be_null=True,
                                                      column_types={c: pa.string() for c in cols}))
             for batch in reader:
@@ -304,6 +314,9 @@ def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWr
                 writer.add_columns(paths, label_col, pc.if_else(missing, missing_label, no_text))
                 for name in pc.unique(label_col.drop_null()).to_pylist():
                     labels.add_text(name)
+                for error in ragged:
+                    writer.add(None, None, error)
+                ragged.clear()
         except (pa.ArrowInvalid, KeyError) as e:
             raise InputError(f"shard.source: cannot read {source} as CSV ({_columns_hint(shard)}): {e}") from None
 
@@ -372,6 +385,11 @@ def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
         if col not in names:
             raise InputError(f"shard.source: {source} has no column {col!r} (columns: {', '.join(names)}; "
                              f"set {_columns_hint(shard)})")
+    ptype = pf.schema_arrow.field(shard.path_column).type
+    ptype = ptype.value_type if pa.types.is_dictionary(ptype) else ptype
+    if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
+        raise InputError(f"shard.path_column: {shard.path_column!r} in {source} has type {ptype}; image paths "
+                         "and URLs must be strings (is it the right column?)")
     ltype = pf.schema_arrow.field(shard.label_column).type
     if pa.types.is_dictionary(ltype):
         ltype = ltype.value_type
