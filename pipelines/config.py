@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pretrain.errors import InputError
+from pretrain.redact import redact
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -69,6 +70,8 @@ class ShardConfig:
     max_pixels: int = 89478485
     max_in_flight: Optional[int] = None  # shard tasks in flight; None = 2 x cluster CPUs
     task_retries: int = 3  # Ray retries of a shard task whose worker died (the shard is redone whole)
+    shuffle: bool = True  # write the rows in a seeded random order (pipelines/shuffle.py): i.i.d.-like shards
+    holdout: float = 0  # held-out validation rows: a fraction if below 1, a count if 1 or more
     download: DownloadConfig = field(default_factory=DownloadConfig)
     builtin: BuiltinSourceConfig = field(default_factory=BuiltinSourceConfig)
 
@@ -272,17 +275,24 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"pretrain.lr": 0.0008, ...}``: the whole config as MLflow params."""
+def leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"pretrain.lr": 0.0008, ...}``: every value of a config (or a nested dict) by dotted key,
+    as it is: ``--set KEY=...`` can set each of them back."""
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
+            out.update(leaves(v, key + "."))
         else:
             out[key] = v
     return out
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """The config as MLflow params: ``leaves`` with credentials stripped from every URI (params are
+    readable by anyone who can read the experiment)."""
+    return {k: redact(v) for k, v in leaves(obj, prefix).items()}
 
 
 def from_dict(data: dict, source: str = "config") -> Config:
@@ -353,6 +363,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"shard.quality: must be in 1..100, got {s.quality}")
     if s.samples_per_shard > 1_000_000:  # keys are SSSSSS_IIIIII
         raise ConfigError(f"shard.samples_per_shard: at most 1000000 (6-digit sample keys), got {s.samples_per_shard}")
+    if s.holdout < 0 or (s.holdout >= 1 and not float(s.holdout).is_integer()):
+        raise ConfigError(f"shard.holdout: a fraction in [0, 1) or a whole number of rows, got {s.holdout}")
     if s.max_in_flight is not None and s.max_in_flight < 1:
         raise ConfigError(f"shard.max_in_flight: must be >= 1 or null, got {s.max_in_flight}")
     if s.download.backoff_s < 0:

@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 from pipelines.config import Config, ShardConfig
 from pipelines.images import ImageSettings
 from pipelines.shard_task import ShardJob, TaskContext, stats_name, stats_path, tar_path, temporaries, write_shard
+from pipelines.shuffle import shuffle_plan
 from pipelines.sources import Plan, Table, fingerprint, plan_source, source_kind
 from pipelines.tracking import tracker_for
 from pretrain import storage
@@ -53,7 +54,8 @@ def settings_dict(shard: ShardConfig) -> dict:
     return {"path_column": shard.path_column, "label_column": shard.label_column,
             "samples_per_shard": shard.samples_per_shard, "image_size": shard.image_size,
             "resize_mode": shard.resize_mode, "quality": shard.quality, "min_size": shard.min_size,
-            "max_pixels": shard.max_pixels, "respect_noai": shard.download.respect_noai}
+            "max_pixels": shard.max_pixels, "respect_noai": shard.download.respect_noai,
+            "shuffle": shard.shuffle, "holdout": shard.holdout}
 
 
 def _builtin_name(source: str) -> str:
@@ -75,7 +77,8 @@ def source_fingerprint(cfg: Config) -> dict:
 
 
 def stage_hash(cfg: Config) -> str:
-    blob = {"format": FORMAT, "source": source_fingerprint(cfg), "settings": settings_dict(cfg.shard)}
+    blob = {"format": FORMAT, "source": source_fingerprint(cfg), "settings": settings_dict(cfg.shard),
+            "shuffle_seed": cfg.seed if cfg.shard.shuffle else None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -142,8 +145,8 @@ def plan_stage(cfg: Config, out: str, digest: str) -> tuple[Plan, list[ShardJob]
     for stale in temporaries(out):
         os.remove(stale)
     index = _prepare_source(cfg)
-    plan = _load_or_make_plan(index, cfg.shard, storage.join(out, PLAN_DIR), digest)
-    return plan, _jobs(plan.num_rows, cfg.shard.samples_per_shard)
+    plan = _load_or_make_plan(index, cfg.shard, storage.join(out, PLAN_DIR), digest, cfg.seed)
+    return plan, _jobs(plan.num_rows, cfg.shard.samples_per_shard, holdout_rows(cfg.shard, plan.num_rows))
 
 
 def _say(line: str) -> None:
@@ -212,7 +215,7 @@ def _generate_remote(root: str, cfg: Config) -> str:
     return index
 
 
-def _load_or_make_plan(index: str, shard: ShardConfig, plan_dir: str, digest: str) -> Plan:
+def _load_or_make_plan(index: str, shard: ShardConfig, plan_dir: str, digest: str, seed: int) -> Plan:
     """The plan of an interrupted run with the same hash is reused, so a rerun does not re-read the index.
 
     It lives beside the shards (``.plan/``), where every node's tasks can read it; on object storage
@@ -226,6 +229,10 @@ def _load_or_make_plan(index: str, shard: ShardConfig, plan_dir: str, digest: st
     local_dir = storage.scratch_dir("plan") if remote else plan_dir
     try:
         plan = plan_source(index, shard, local_dir)
+        if shard.shuffle:
+            shuffled = os.path.join(local_dir, "shuffled.parquet")
+            plan = dataclasses.replace(plan, table=shuffle_plan(plan.table, plan.num_rows, seed,
+                                                                 shard.samples_per_shard, shuffled))
         if remote and plan.table.path.startswith(local_dir):
             table_url = storage.join(plan_dir, os.path.basename(plan.table.path))
             storage.publish_file(plan.table.path, table_url)
@@ -239,9 +246,18 @@ def _load_or_make_plan(index: str, shard: ShardConfig, plan_dir: str, digest: st
     return plan
 
 
-def _jobs(num_rows: int, per_shard: int) -> list[ShardJob]:
-    return [ShardJob(i, start, min(start + per_shard, num_rows))
-            for i, start in enumerate(range(0, num_rows, per_shard))]
+def holdout_rows(shard: ShardConfig, num_rows: int) -> int:
+    """Rows held out for validation: the first ones of the (shuffled) plan."""
+    wanted = int(shard.holdout) if shard.holdout >= 1 else round(shard.holdout * num_rows)
+    return min(num_rows, wanted)
+
+
+def _jobs(num_rows: int, per_shard: int, holdout: int = 0) -> list[ShardJob]:
+    """Training shards over rows ``[holdout, num_rows)``, then the holdout's over ``[0, holdout)``."""
+    train = [(start, min(start + per_shard, num_rows)) for start in range(holdout, num_rows, per_shard)]
+    held = [(start, min(start + per_shard, holdout)) for start in range(0, holdout, per_shard)]
+    return ([ShardJob(i, a, b) for i, (a, b) in enumerate(train)] +
+            [ShardJob(len(train) + i, a, b, "holdout") for i, (a, b) in enumerate(held)])
 
 
 def _shard_task(ctx: TaskContext, job: ShardJob) -> dict:
@@ -372,14 +388,17 @@ class Progress:
 
 
 def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], digest: str) -> dict:
-    """The dataset's manifest from the stats files (deterministic: no timings, no hosts)."""
-    shards, totals, reasons = [], Counter(), Counter()
+    """The dataset's manifest from the stats files (deterministic: no timings, no hosts). ``shards``
+    lists the training shards (what the loader reads), ``holdout`` the validation shards; ``totals``
+    count them all."""
+    listed: dict[str, list] = {"train": [], "holdout": []}
+    totals, reasons = Counter(), Counter()
     for job in jobs:
         stats = storage.read_json_or_none(stats_path(out, job.index))
         if stats is None:
             raise RuntimeError(f"shard: {stats_path(out, job.index)} is missing or unreadable")
-        shards.append({"name": stats["name"], "samples": stats["ok"], "total": stats["total"],
-                       "failed": stats["failed"], "bytes": stats["bytes"], "sha256": stats["sha256"]})
+        listed[job.split].append({"name": stats["name"], "samples": stats["ok"], "total": stats["total"],
+                                  "failed": stats["failed"], "bytes": stats["bytes"], "sha256": stats["sha256"]})
         for k in ("total", "ok", "failed", "bytes", "kept_original"):
             totals[k] += stats[k]
         reasons.update(stats["failed_by_reason"])
@@ -388,10 +407,13 @@ def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], 
         "source": cfg.shard.source,
         "hash": digest,
         "settings": settings_dict(cfg.shard),
+        "seed": cfg.seed if cfg.shard.shuffle else None,
         "label_names": plan.label_names,
         "num_classes": len(plan.label_names),
-        "shards": shards,
-        "totals": {"shards": len(shards), **{k: totals[k] for k in ("total", "ok", "failed", "bytes", "kept_original")}},
+        "shards": listed["train"],
+        "holdout": listed["holdout"],
+        "totals": {"shards": len(listed["train"]) + len(listed["holdout"]),
+                   **{k: totals[k] for k in ("total", "ok", "failed", "bytes", "kept_original")}},
         "failed_by_reason": dict(sorted(reasons.items())),
     }
 

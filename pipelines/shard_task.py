@@ -31,8 +31,9 @@ TAR_USER = "vitscale"
 @dataclass(frozen=True)
 class ShardJob:
     index: int
-    start: int  # first row of the index
+    start: int  # first row of the (shuffled) plan
     stop: int  # one past the last row
+    split: str = "train"  # or "holdout": validation shards, listed apart in the manifest
 
 
 @dataclass(frozen=True)

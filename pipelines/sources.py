@@ -126,7 +126,7 @@ def plan_source(source: str, shard: ShardConfig, plan_dir: str) -> Plan:
     os.makedirs(plan_dir, exist_ok=True)
     plan_path = os.path.join(plan_dir, "index.parquet")
     tmp = plan_path + ".tmp"
-    writer = _PlanWriter(tmp, shard.samples_per_shard)
+    writer = PlanWriter(tmp, shard.samples_per_shard)
     labels = _LabelCollector(shard.label_column, source, text=kind in ("csv", "tsv"))
     if kind == "folder":
         fs, path = _fs(source)
@@ -194,7 +194,7 @@ class _LabelCollector:
         return sorted(self.names)
 
 
-class _PlanWriter:
+class PlanWriter:
     """Rows into a parquet file whose row groups are exactly one shard each. Rows come one by one
     (``add``) or as arrow columns (``add_columns``); at most about one shard's rows are buffered."""
 
@@ -279,7 +279,7 @@ def _open_text(source: str):
     return fsspec.open(source, "rt", compression="infer", encoding="utf-8", newline="")
 
 
-def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWriter,
+def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: PlanWriter,
                 labels: _LabelCollector) -> None:
     """Column-wise, batch by batch: no Python work per row, only per distinct label of a batch. A row
     with too few or too many cells is recorded as ``bad_row`` with its line number, not fatal."""
@@ -321,7 +321,7 @@ def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: _PlanWr
             raise InputError(f"shard.source: cannot read {source} as CSV ({_columns_hint(shard)}): {e}") from None
 
 
-def _stream_jsonl(source: str, shard: ShardConfig, writer: _PlanWriter, labels: _LabelCollector) -> None:
+def _stream_jsonl(source: str, shard: ShardConfig, writer: PlanWriter, labels: _LabelCollector) -> None:
     kind: Optional[type] = None
     with _open_text(source) as f:
         for lineno, line in enumerate(f, 1):
@@ -372,7 +372,7 @@ def _columns_hint(shard: ShardConfig) -> str:
 
 def _plan_parquet(source: str, shard: ShardConfig) -> Plan:
     """Parquet is read in place; one pass over the label column finds the label kind and names."""
-    with _parquet_file(source) as pf:
+    with parquet_file(source) as pf:
         return _plan_open_parquet(pf, source, shard)
 
 
@@ -420,7 +420,7 @@ def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
 
 
 @contextlib.contextmanager
-def _parquet_file(path: str) -> Iterator[Any]:
+def parquet_file(path: str) -> Iterator[Any]:
     """A ``pyarrow.parquet.ParquetFile`` on a local or remote file, closed afterwards."""
     import fsspec
     import pyarrow.parquet as pq
@@ -443,7 +443,7 @@ def _parquet_file(path: str) -> Iterator[Any]:
 def read_rows(table: Table, start: int, stop: int) -> list[tuple[Optional[str], Any, Optional[str]]]:
     """Rows ``[start, stop)`` as (location, raw label, error or None); reads only the row groups that
     overlap the range."""
-    with _parquet_file(table.path) as pf:
+    with parquet_file(table.path) as pf:
         return _read_open_rows(pf, table, start, stop)
 
 
