@@ -409,6 +409,7 @@ def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], 
         "settings": settings_dict(cfg.shard),
         "seed": cfg.seed if cfg.shard.shuffle else None,
         "label_names": plan.label_names,
+        "label_kind": "multi" if plan.table.multi else "single",  # multi: read with label_key json:labels
         "num_classes": len(plan.label_names),
         "shards": listed["train"],
         "holdout": listed["holdout"],

@@ -95,6 +95,16 @@ class _HashingSink:
         return self.f.write(data)
 
 
+def _label_members(labels: Labels, raw: object) -> dict:
+    """The label's tar members and ``.json`` fields: ``cls`` (the id) and the name for one label;
+    ``{"labels": [ids]}`` and the names for a multi-label index (read with ``label_key: json:labels``)."""
+    if labels.multi:
+        ids, names = labels.resolve_all(raw)
+        return {"meta": {"labels": ids, "label": names}}
+    label, name = labels.resolve(raw)
+    return {"cls": str(label).encode(), "meta": {"label": name}}
+
+
 def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) -> dict:
     """Write shard ``job.index`` and its stats file; return the stats."""
     import webdataset as wds
@@ -103,7 +113,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     for stale in temporaries(ctx.out_dir, job.index):  # from an attempt whose worker died
         os.remove(stale)
     rows = read_rows(ctx.table, job.start, job.stop)
-    labels = Labels(ctx.table.label_kind, ctx.label_names)
+    labels = Labels(ctx.table.label_kind, ctx.label_names, ctx.table.multi)
     fetcher = Fetcher(ctx.download, ctx.table.base)
     final = tar_path(ctx.out_dir, job.index)
     tmp = storage.temporary_name(os.path.join(_staging_dir(ctx.out_dir), os.path.basename(final)))
@@ -128,7 +138,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
                     raise Rejected(*error.split(": ", 1))
                 if not location:
                     raise Rejected("bad_row", "no path in this row")
-                label, label_name = labels.resolve(raw_label)
+                members = _label_members(labels, raw_label)
                 image = process(future.result(), ctx.settings)
             except Rejected as e:
                 failures.append({"key": key, "source": location, "reason": e.reason, "detail": str(e)})
@@ -138,8 +148,8 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
                                  "detail": f"error: {type(e).__name__}: {e}"})
                 continue
             meta = {"source": location, "original_size": list(image.original_size),
-                    "size": list(image.size), "label": label_name}
-            writer.write({"__key__": key, "jpg": image.data, "cls": str(label).encode(),
+                    "size": list(image.size), **members.pop("meta")}
+            writer.write({"__key__": key, "jpg": image.data, **members,
                           "json": json.dumps(meta, sort_keys=True).encode()})
             kept += image.kept_original
         writer.close()

@@ -16,6 +16,7 @@ order, so a rerun writes byte-identical shards.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,7 +77,7 @@ def shuffle_plan(table: Table, num_rows: int, seed: int, rows_per_group: int, ou
         writer.close()
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    return Table(out_path, "path", "label", "error", table.base, table.label_kind)
+    return dataclasses.replace(table, path=out_path, path_column="path", label_column="label", error_column="error")
 
 
 def _scatter(table: Table, seed: int, buckets: int, spill: str) -> set[int]:

@@ -12,6 +12,10 @@ index is only the set of distinct labels, capped at ``MAX_CLASSES``.
 Labels: integers are ids as they are (names ``"0".."max"``); strings get ids by sorted name. In a CSV
 (no types) a label column of digits only is integers. A row whose label is missing, negative, or of
 the other kind than the index's first valid label fails with reason ``bad_label`` in its shard.
+
+Multi-label indexes (JFT-style): a label cell holding a list (a JSON array in CSV or JSONL, a list
+column in parquet) makes the index multi-label; each element is an id or a name as above, and a
+single label is a list of one. Such samples store ``{"labels": [ids]}`` in their ``.json``.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ class Table:
     label_column: str
     error_column: Optional[str]  # plan files carry row errors found while streaming the index
     base: Optional[str]  # folder that relative image paths in the index are relative to
-    label_kind: str  # "int" | "str"
+    label_kind: str  # "int" | "str": of the labels, or of a multi-label row's elements
+    multi: bool = False  # label cells hold lists (JSON arrays in text)
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,19 @@ def plan_source(source: str, shard: ShardConfig, plan_dir: str) -> Plan:
         _stream_jsonl(source, shard, writer, labels)
     num_rows = writer.close()
     os.replace(tmp, plan_path)
-    table = Table(plan_path, "path", "label", "error", base, labels.kind())
+    table = Table(plan_path, "path", "label", "error", base, labels.kind(), labels.multi)
     return Plan(table, num_rows, labels.label_names())
+
+
+def parse_label_list(text: str) -> Optional[list]:
+    """A JSON array of ids or names as a list, or None when ``text`` is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+        return None
+    return value
 
 
 class _LabelCollector:
@@ -160,6 +176,7 @@ class _LabelCollector:
         self.names: set[str] = set()
         self.all_ints = True
         self.max_int = -1
+        self.multi = False
 
     def add_str(self, label: str) -> None:
         if label not in self.names:
@@ -176,6 +193,13 @@ class _LabelCollector:
                                  f"{value}; at most {MAX_CLASSES} classes are supported")
 
     def add_text(self, label: str) -> None:
+        if label.startswith("["):  # a JSON array: a multi-label row
+            values = parse_label_list(label)
+            if values is not None:
+                self.multi = True
+                for value in values:
+                    self.add_text(str(value))
+                return
         self.add_str(label)
         if self.all_ints:
             if _INT.fullmatch(label):
@@ -337,17 +361,22 @@ def _stream_jsonl(source: str, shard: ShardConfig, writer: PlanWriter, labels: _
                 continue
             path = row.get(shard.path_column)
             path = path if isinstance(path, str) else None
-            value = _json_label(row.get(shard.label_column))
-            if isinstance(value, Rejected):
-                writer.add(path, None, str(value))
+            cell = row.get(shard.label_column)
+            values = [_json_label(v) for v in cell] if isinstance(cell, list) and cell else [_json_label(cell)]
+            bad = next((v for v in values if isinstance(v, Rejected)), None)
+            if bad is not None:
+                writer.add(path, None, str(bad))
                 continue
-            kind = kind or type(value)
-            if type(value) is not kind:
+            kind = kind or type(values[0])
+            odd = next((v for v in values if type(v) is not kind), None)
+            if odd is not None:
                 writer.add(path, None, f"bad_label: expected {_kind_name(kind)} like the index's other labels, "
-                                       f"got {_kind_name(type(value))} {value!r}")
+                                       f"got {_kind_name(type(odd))} {odd!r}")
                 continue
-            writer.add(path, str(value), None)
-            labels.add_int(value) if kind is int else labels.add_str(value)
+            labels.multi = labels.multi or isinstance(cell, list)
+            writer.add(path, json.dumps(values) if isinstance(cell, list) else str(values[0]), None)
+            for value in values:
+                labels.add_int(value) if kind is int else labels.add_str(value)
 
 
 def _json_label(value: Any) -> "int | str | Rejected":
@@ -393,11 +422,14 @@ def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
     ltype = pf.schema_arrow.field(shard.label_column).type
     if pa.types.is_dictionary(ltype):
         ltype = ltype.value_type
+    multi = pa.types.is_list(ltype) or pa.types.is_large_list(ltype)
+    if multi:
+        ltype = ltype.value_type
     labels = _LabelCollector(shard.label_column, source)
     if pa.types.is_integer(ltype) or pa.types.is_floating(ltype):
         kind = "int"
         for batch in pf.iter_batches(batch_size=1 << 18, columns=[shard.label_column]):
-            col = batch.column(0)
+            col = pc.list_flatten(batch.column(0)) if multi else batch.column(0)
             if pa.types.is_floating(ltype):
                 col = pc.filter(col, pc.equal(col, pc.floor(col)))
             top = pc.max(col).as_py()
@@ -406,7 +438,7 @@ def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
     elif pa.types.is_string(ltype) or pa.types.is_large_string(ltype):
         kind = "str"
         for batch in pf.iter_batches(batch_size=1 << 18, columns=[shard.label_column]):
-            col = batch.column(0)
+            col = pc.list_flatten(batch.column(0)) if multi else batch.column(0)
             if pa.types.is_dictionary(col.type):
                 col = col.cast(ltype)
             for name in pc.unique(col).to_pylist():
@@ -415,7 +447,7 @@ def _plan_open_parquet(pf, source: str, shard: ShardConfig) -> Plan:
     else:
         raise InputError(f"shard.label_column: {shard.label_column!r} in {source} has type {ltype}; "
                          "labels must be integers or strings")
-    table = Table(source, shard.path_column, shard.label_column, None, _base_of(source), kind)
+    table = Table(source, shard.path_column, shard.label_column, None, _base_of(source), kind, multi)
     return Plan(table, pf.metadata.num_rows, labels.label_names())
 
 
@@ -477,10 +509,25 @@ def _read_open_rows(pf, table: Table, start: int, stop: int) -> list[tuple[Optio
 class Labels:
     """Raw label -> (id, name) for one index; ``Rejected('bad_label')`` when it cannot be one."""
 
-    def __init__(self, kind: str, names: list[str]):
+    def __init__(self, kind: str, names: list[str], multi: bool = False):
         self.kind = kind
         self.names = names
+        self.multi = multi
         self.ids = {n: i for i, n in enumerate(names)} if kind == "str" else None
+
+    def resolve_all(self, raw: Any) -> tuple[list[int], list[str]]:
+        """A multi-label cell (a list, or its JSON text; a lone label is a list of one) -> (ids, names)."""
+        values = raw
+        if isinstance(raw, str):
+            values = parse_label_list(raw) if raw.startswith("[") else [raw]
+            if values is None:
+                raise Rejected("bad_label", f"not a JSON array of labels: {raw[:80]!r}")
+        elif not isinstance(raw, list):
+            values = [raw]
+        if not values:
+            raise Rejected("bad_label", "empty label list")
+        ids = sorted({self.resolve(v)[0] for v in values})
+        return ids, [self.names[i] for i in ids]
 
     def resolve(self, raw: Any) -> tuple[int, str]:
         if raw is None or raw == "":

@@ -74,3 +74,43 @@ def test_rerun_with_the_same_seed_is_byte_identical_and_another_seed_is_not(ray_
     assert [s["sha256"] for s in first["shards"]] != [s["sha256"] for s in other["shards"]]
     for name in ("000000.tar", "000003.tar"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def _samples(folder, names: list[str]) -> list[dict]:
+    import webdataset as wds
+
+    return list(wds.WebDataset([str(folder / n) for n in names], shardshuffle=False))
+
+
+@pytest.mark.timeout(300)
+def test_held_out_samples_never_appear_in_training_shards(ray_local, tmp_path, sorted_folder):
+    import hashlib
+
+    manifest = _shard(tmp_path, str(sorted_folder), str(tmp_path / "out"), **{"shard.holdout": 0.2})
+    held = _samples(tmp_path / "out", [s["name"] for s in manifest["holdout"]])
+    train = _samples(tmp_path / "out", [s["name"] for s in manifest["shards"]])
+    assert len(held) == 200 and len(train) == 800 and manifest["totals"]["ok"] == 1000
+    assert not {s["__key__"] for s in held} & {s["__key__"] for s in train}
+    digest = lambda s: hashlib.sha256(s["jpg"]).hexdigest()  # noqa: E731
+    assert not {digest(s) for s in held} & {digest(s) for s in train}
+    assert not {s["json"] for s in held} & {s["json"] for s in train}  # sources differ too
+    assert len({s["cls"] for s in held}) == CLASSES  # a random sample of the index, not its first classes
+    assert resolve_shards(str(tmp_path / "out"))[0] == [str(tmp_path / "out" / s["name"]) for s in manifest["shards"]]
+
+
+@pytest.mark.timeout(300)
+def test_multi_label_index_stores_label_lists(ray_local, tmp_path, sorted_folder):
+    import json
+
+    rows = [{"path": f"{sorted_folder}/class{c:02d}/000.jpg", "label": [f"tag{c}", f"tag{(c + 1) % 3}"]} for c in range(6)]
+    rows.append({"path": f"{sorted_folder}/class07/000.jpg", "label": "tag2"})  # a lone label: a list of one
+    (tmp_path / "multi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = _shard(tmp_path, str(tmp_path / "multi.jsonl"), str(tmp_path / "out"))
+    assert manifest["label_kind"] == "multi" and manifest["num_classes"] == 6
+    names = manifest["label_names"]
+    samples = _samples(tmp_path / "out", [s["name"] for s in manifest["shards"]])
+    assert len(samples) == 7 and not any("cls" in s for s in samples)
+    got = {json.loads(s["json"])["source"]: json.loads(s["json"])["labels"] for s in samples}
+    for row in rows:
+        tags = row["label"] if isinstance(row["label"], list) else [row["label"]]
+        assert got[row["path"]] == sorted(names.index(t) for t in set(tags))

@@ -104,7 +104,8 @@ def test_jsonl_wrong_label_types_are_row_errors(tmp_path):
     assert plan.num_rows == 9 and plan.table.label_kind == "int" and plan.label_names == ["0", "1", "2", "3", "4"]
     errors = [r[2] for r in all_rows(plan)]
     assert errors[0] is None and errors[7] is None
-    for i in range(1, 7):
+    assert errors[3] is None and plan.table.multi  # a list is a multi-label row: the index is multi-label
+    for i in (1, 2, 4, 5, 6):
         assert errors[i].startswith("bad_label: "), (i, errors[i])
     assert errors[8].startswith("bad_row: line 9")
 
@@ -178,3 +179,21 @@ def test_fractal_source_is_deterministic_and_learnable(tmp_path):
     means = np.stack([x[train & (y == c)].mean(0) for c in range(6)])
     pred = np.argmin(((x[~train][:, None] - means[None]) ** 2).sum(-1), axis=1)
     assert (pred == y[~train]).mean() > 0.5  # chance is 1/6
+
+
+def test_label_lists_in_csv_and_parquet_make_a_multi_label_index(tmp_path):
+
+    from pipelines.sources import Labels
+
+    (tmp_path / "m.csv").write_text('path,label\na.jpg,"[1, 3]"\nb.jpg,2\nc.jpg,"[0]"\n')
+    plan = plan_source(str(tmp_path / "m.csv"), ShardConfig(), str(tmp_path / "p"))
+    assert plan.table.multi and plan.table.label_kind == "int" and plan.label_names == ["0", "1", "2", "3"]
+    labels = Labels(plan.table.label_kind, plan.label_names, multi=True)
+    assert [labels.resolve_all(r[1]) for r in all_rows(plan)] == [([1, 3], ["1", "3"]), ([2], ["2"]), ([0], ["0"])]
+
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "label": pa.array([["cat", "dog"], ["dog"]])}),
+                   tmp_path / "m.parquet")
+    plan = plan_source(str(tmp_path / "m.parquet"), ShardConfig(), str(tmp_path / "q"))
+    assert plan.table.multi and plan.table.label_kind == "str" and plan.label_names == ["cat", "dog"]
+    labels = Labels(plan.table.label_kind, plan.label_names, multi=True)
+    assert [labels.resolve_all(r[1])[0] for r in all_rows(plan)] == [[0, 1], [1]]
