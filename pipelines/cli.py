@@ -70,9 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit the pipeline (or one stage) to a Ray cluster as a Ray Job")
     _add_config_args(p)
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--address", default=None,
+                   help="Ray dashboard address, e.g. http://HEAD:8265 (default $RAY_ADDRESS)")
     p.add_argument("--stage", choices=["run", "shard", "pretrain", "transfer"], default="run")
     p.add_argument("--no-wait", action="store_true", help="return after submission")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the files that would be shipped and their size; contact no cluster")
+    p.add_argument("--insecure", action="store_true",
+                   help="send credentials over plain http:// to a non-loopback address anyway")
 
     p = sub.add_parser("jobs", help="list / status / logs / stop Ray Jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])

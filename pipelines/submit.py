@@ -2,8 +2,13 @@
 ``vitscale jobs`` lists, inspects, tails and stops what runs there.
 
 The job runs ``vitscale <stage> vitscale_job.yaml`` in a copy of the working tree (Ray puts that
-copy first on the job's PYTHONPATH, so the cluster runs exactly the code that was submitted).
-Credentials travel as environment variables taken from the submitter's shell, never in the config.
+copy first on the job's PYTHONPATH, so the cluster runs exactly the code that was submitted). The copy
+holds what git would commit (tracked files and untracked ones it does not ignore; outside a git checkout,
+what ``.gitignore`` lets through), never secrets or local databases (``DENY``), even tracked ones.
+Credentials travel as environment variables taken from the submitter's shell, never in the config: a
+credential inside a config URI (``http://user:pw@host``, a signed URL) is redacted in the shipped YAML and
+handed to the job as a variable that the entrypoint sets back (``--set KEY="$VITSCALE_SECRET_0"``).
+Sending them over plain http to another machine is refused unless ``--insecure``.
 Anyone who can reach the dashboard can read a job's runtime_env, so the dashboard stays private
 (see infra/README.md) and ``jobs status`` never prints the values.
 """
@@ -11,20 +16,26 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import ipaddress
+import json
 import os
+import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Mapping, Optional, TypeVar
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
-from pipelines.config import Config, replace, to_dict
+from pipelines.config import Config, leaves, replace, to_dict
 from pretrain.errors import InputError
+from pretrain.redact import redact
 
 JOB_CONFIG = "vitscale_job.yaml"
 STAGES = ("run", "shard", "pretrain", "transfer")
@@ -36,6 +47,9 @@ LOCAL_ONLY = ("AWS_CA_BUNDLE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
 # Never shipped: environments, outputs, VCS state, caches. Matched against each path component.
 EXCLUDE = (".venv", "venv", "runs", ".git", "__pycache__", ".pytest_cache", "mlruns", "mlartifacts",
            "*.egg-info", "build", "dist", ".ipynb_checkpoints", "*.pyc", "*.tar", "*.safetensors", "*.pt")
+# Secrets and local databases: never shipped, even when git tracks them. Matched like EXCLUDE.
+DENY = (".env*", "*.pem", "*.key", "id_*", ".netrc", "*.db", "mlruns")
+SECRET_VAR = "VITSCALE_SECRET_{}"
 MAX_FILE_BYTES = 8 * 2**20  # bigger files are data or weights, which belong on shared storage
 CONNECT_TIMEOUT_S = 10.0
 STOP_WAIT_S = 60.0  # Ray sends SIGTERM, then SIGKILL after its own grace period
@@ -71,29 +85,152 @@ def _excluded(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in EXCLUDE)
 
 
-def stage_working_dir(src: Path, dest: Path, cfg: Config) -> list[str]:
-    """Copy ``src`` into ``dest`` without environments, outputs and big files, then write the
-    resolved config as ``dest/vitscale_job.yaml``. Returns the skipped big files (relative paths)."""
-    skipped = []
+def _denied(rel: str) -> Optional[str]:
+    """``rel`` up to its first deny-listed component (``conf/.env`` of ``conf/.env/x``), else None."""
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        if any(fnmatch.fnmatch(part, pattern) for pattern in DENY):
+            return "/".join(parts[: i + 1])
+    return None
+
+
+def _git_listing(src: Path) -> Optional[list[str]]:
+    """Files under ``src`` that git tracks, plus untracked ones it does not ignore (a user expects the
+    module they created but did not ``git add`` yet to run on the cluster); None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=src, capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sorted({os.fsdecode(p) for p in out.split(b"\0") if p})  # a conflicted file is listed per stage
+
+
+class _Rule(NamedTuple):
+    base: str  # folder of the .gitignore that holds the rule, relative to the root ("" at the root)
+    regex: re.Pattern
+    negate: bool
+    dir_only: bool
+
+
+def _glob_regex(glob: str) -> str:
+    """A gitignore glob as a regex: ``*``, ``?`` and ``[...]`` stay within one folder, ``**`` spans folders."""
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] in "*?":
+            out.append("[^/]*" if glob[i] == "*" else "[^/]")
+            i += 1
+        elif glob[i] == "[" and (end := glob.find("]", i + 2)) > 0:
+            body = glob[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body[0] in "!^" else body) + "]")
+            i = end + 1
+        else:
+            if glob[i] == "\\" and i + 1 < len(glob):  # an escaped character is literal
+                i += 1
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
+
+
+def _rule(line: str, base: str) -> Optional[_Rule]:
+    """One .gitignore line as a rule (None for blanks and comments), with git's anchoring: a pattern
+    holding a ``/`` (other than a trailing one) is relative to its .gitignore, else matches at any depth."""
+    line = line.rstrip()
+    if not line or line.startswith("#"):
+        return None
+    negate = line.startswith("!")
+    line = line[1:] if negate else line
+    line = line[1:] if line.startswith(("\\#", "\\!")) else line
+    dir_only = line.endswith("/")
+    line = line.rstrip("/")
+    if not line:
+        return None
+    anchor = "" if "/" in line else "(?:.*/)?"
+    return _Rule(base, re.compile(anchor + _glob_regex(line.lstrip("/"))), negate, dir_only)
+
+
+def _ignored(rel: str, is_dir: bool, rules: Sequence[_Rule]) -> bool:
+    ignored = False
+    for rule in rules:  # the last matching rule wins; deeper .gitignore files come later
+        if (rule.base and not rel.startswith(rule.base + "/")) or (rule.dir_only and not is_dir):
+            continue
+        if rule.regex.fullmatch(rel[len(rule.base) + 1:] if rule.base else rel):
+            ignored = not rule.negate
+    return ignored
+
+
+def _walk_listing(src: Path) -> list[str]:
+    """Files under ``src`` that its .gitignore files (nested ones too) let through. An ignored folder is
+    not entered, so, as in git, nothing inside it can be re-included."""
+    rules: list[_Rule] = []
+    files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = sorted(d for d in dirnames if not _excluded(d))
-        rel = Path(dirpath).relative_to(src)
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if _excluded(name) or not path.is_file():
-                continue
-            if path.stat().st_size > MAX_FILE_BYTES:
-                skipped.append(str(rel / name))
-                continue
-            (dest / rel).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest / rel / name)
+        rel = Path(dirpath).relative_to(src).as_posix()
+        base = "" if rel == "." else rel
+        gitignore = Path(dirpath) / ".gitignore"
+        if gitignore.is_file():
+            rules += filter(None, (_rule(line, base) for line in gitignore.read_text(errors="replace").splitlines()))
+        prefix = f"{base}/" if base else ""
+        dirnames[:] = sorted(d for d in dirnames if not _excluded(d) and not _ignored(prefix + d, True, rules))
+        files += [prefix + f for f in sorted(filenames) if not _ignored(prefix + f, False, rules)]
+    return files
+
+
+class Skipped(NamedTuple):
+    too_big: list[str]  # over MAX_FILE_BYTES: data or weights
+    secret: list[str]  # deny-listed, or a link that leads out of the folder (e.g. to ~/.aws/credentials)
+
+
+def stage_working_dir(src: Path, dest: Path, cfg: Config) -> Skipped:
+    """Copy what ``src`` would ship into ``dest`` (git's view or .gitignore's, less EXCLUDE, DENY and big
+    files), then write the config, URIs redacted, as ``dest/vitscale_job.yaml``. Returns what was held back."""
+    listed = _git_listing(src)
+    root, skipped = src.resolve(), Skipped([], [])
+    for rel in listed if listed is not None else _walk_listing(src):
+        path = src / rel
+        if any(_excluded(part) for part in rel.split("/")) or not path.is_file():
+            continue  # not a file: a deleted tracked file, a submodule, a link to a folder
+        if (denied := _denied(rel)) or not path.resolve().is_relative_to(root):
+            skipped.secret.append(denied or rel)
+        elif path.stat().st_size > MAX_FILE_BYTES:
+            skipped.too_big.append(rel)
+        else:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / rel)
     header = f"# resolved config shipped by `vitscale submit` ({time.strftime('%Y-%m-%d %H:%M:%S')})\n"
-    (dest / JOB_CONFIG).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return skipped
+    (dest / JOB_CONFIG).write_text(header + yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+    return Skipped(skipped.too_big, sorted(set(skipped.secret)))
 
 
-def entrypoint(stage: str) -> str:
-    return shlex.join(["vitscale", stage, JOB_CONFIG])
+def secret_overrides(cfg: Config) -> tuple[list[str], dict[str, str]]:
+    """For each config value whose URIs hold a credential (redacted in the shipped YAML): an entrypoint
+    argument ``--set KEY="$VITSCALE_SECRET_i"`` and that variable's value (JSON, which ``--set`` reads
+    as YAML). The job's shell expands the variable, so the entrypoint shown by the dashboard, ``jobs
+    list`` and the job's log holds only its name, like the other credentials."""
+    args, env = [], {}
+    for key, value in leaves(cfg).items():
+        if redact(value) != value:
+            var = SECRET_VAR.format(len(env))
+            args.append(f'--set {shlex.quote(key + "=")}"${var}"')
+            env[var] = json.dumps(value)
+    return args, env
+
+
+def entrypoint(stage: str, overrides: Sequence[str] = ()) -> str:
+    return " ".join([shlex.join(["vitscale", stage, JOB_CONFIG]), *overrides])
+
+
+def _print_listing(root: Path) -> None:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        print(f"{path.stat().st_size:>12,d}  {path.relative_to(root).as_posix()}")
+    total = sum(path.stat().st_size for path in files)
+    print(f"{len(files)} files, {total / 2**20:.2f} MiB would be shipped (dry run: nothing was sent)")
 
 
 # --------------------------------------------------------------------------- connecting
@@ -110,6 +247,30 @@ def normalise_address(address: str) -> str:
     if not address.startswith(("http://", "https://")):
         raise InputError(f"--address {address}: expected http://HOST:PORT (the Ray dashboard)")
     return address
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` names this machine (where a tunnel ends). No DNS lookup: that is a network call."""
+    try:
+        host = urlsplit(address).hostname or ""
+        return host == "localhost" or host.endswith(".localhost") or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(address: str, env: Mapping[str, str], insecure: bool) -> None:
+    """Refuse to send credentials unencrypted (``http://``) to another machine, unless ``insecure``:
+    Ray puts the job's environment variables in the request body."""
+    if not env or not address.startswith("http://") or _is_loopback(address):
+        return
+    names = ", ".join(sorted(env))
+    if insecure:
+        print(f"warning: --insecure: sending {names} unencrypted to {address}", file=sys.stderr)
+        return
+    raise InputError(f"--address {address}: refusing to send credentials ({names}) unencrypted over http:// to "
+                     "another machine. Use an https:// address (a TLS proxy in front of the dashboard), or a "
+                     "tunnel that ends here (kubectl port-forward svc/HEAD-svc 8265:8265, or ssh -L "
+                     "8265:localhost:8265 HEAD) with --address http://127.0.0.1:8265, or pass --insecure")
 
 
 def connect(address: Optional[str]):
@@ -195,32 +356,48 @@ def _hints(job_id: str, address: str) -> str:
 
 
 def submit_main(cfg: Config, args) -> int:
-    """``vitscale submit CONFIG --address URL [--stage NAME] [--no-wait]``: 0 when the job succeeds
-    (or, with --no-wait, was accepted), 1 when it fails or is stopped."""
+    """``vitscale submit CONFIG --address URL [--stage NAME] [--no-wait] [--dry-run] [--insecure]``: 0 when
+    the job succeeds (or, with --no-wait, was accepted; with --dry-run, was staged), 1 when it fails or is
+    stopped."""
     stage = getattr(args, "stage", "run") or "run"
     if stage not in STAGES:
         raise InputError(f"--stage {stage}: must be one of {', '.join(STAGES)}")
-    client = connect(args.address)
-    address = normalise_address(args.address)
+    dry_run = getattr(args, "dry_run", False)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address and not dry_run:
+        raise InputError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    address = address and normalise_address(address)
     cfg = job_config(cfg)
+    overrides, secret_env = secret_overrides(cfg)
+    env = {**credentials_from_env(os.environ), **secret_env}
+    if address:  # before any network call: the check is about what the first request would carry
+        check_transport(address, env, getattr(args, "insecure", False))
+    client = None if dry_run else connect(address)
     if "://" not in cfg.workdir and not Path(cfg.workdir).is_absolute():
         print(f"warning: workdir {cfg.workdir!r} is relative: on the cluster it lands inside the job's "
               "temporary directory; use a shared absolute path or s3://...", file=sys.stderr)
     if cfg.tracking.uri is None:
         print("warning: tracking.uri is null: MLflow writes a sqlite file into the workdir on the cluster; "
               "set it to your MLflow server (infra/mlflow)", file=sys.stderr)
-    env = credentials_from_env(os.environ)
     submission_id = f"vitscale-{cfg.name}-{stage}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="vitscale-submit-") as tmp:
         skipped = stage_working_dir(source_root(), Path(tmp), cfg)
-        for rel in skipped:
+        for rel in skipped.too_big:
             print(f"not shipped (over {MAX_FILE_BYTES // 2**20} MiB): {rel}", file=sys.stderr)
+        for rel in skipped.secret:
+            print(f"not shipped (may hold secrets): {rel}", file=sys.stderr)
+        if dry_run:
+            _print_listing(Path(tmp))
+            print(f"entrypoint: {entrypoint(stage, overrides)}")
+            if env:
+                print(f"credentials it would pass as environment variables: {', '.join(sorted(env))}")
+            return 0
         runtime_env = {"working_dir": tmp, "env_vars": env}
         job_id = _via_agent(lambda: client.submit_job(
-            entrypoint=entrypoint(stage), runtime_env=runtime_env, submission_id=submission_id,
+            entrypoint=entrypoint(stage, overrides), runtime_env=runtime_env, submission_id=submission_id,
             metadata={"vitscale.name": cfg.name, "vitscale.stage": stage},
         ))
-    print(f"submitted {job_id}: {entrypoint(stage)} on {address}", flush=True)
+    print(f"submitted {job_id}: {entrypoint(stage, overrides)} on {address}", flush=True)
     if env:
         print(f"credentials passed as environment variables: {', '.join(sorted(env))}", flush=True)
     if args.no_wait:

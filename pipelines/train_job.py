@@ -13,22 +13,33 @@ from typing import Optional
 
 import yaml
 
-from pipelines.config import Config, flatten, load_config, to_dict
+from pipelines.config import Config, ConfigError, flatten, load_config, to_dict
 from pipelines.tracking import stage_run, tracker_for, tracking_uri
 from pretrain import storage
 from pretrain.lease import Lease
 from pretrain.loop import EXPORT_MARKER
+from pretrain.redact import redact
 
 RESOLVED_CONFIG = "config.resolved.yaml"
 
 
 def resolved_config(cfg: Config) -> dict:
-    """The whole config as a dict with local paths made absolute (Ray workers may run elsewhere)."""
+    """The whole config as a dict with local paths made absolute (Ray workers may run elsewhere) and
+    credentials stripped from every URI. The same dict is written to the workdir, logged as an
+    artifact and handed to the workers, so it must hold no secret; the workers need none from it:
+    they get the real MLflow URI as ``spec["tracking_uri"]`` (or ``$MLFLOW_TRACKING_URI``) and
+    storage credentials from ``AWS_*``."""
     data = to_dict(cfg)
     data["workdir"] = storage.absolute(cfg.workdir)
     data["pretrain"]["shards"] = storage.absolute(cfg.pretrain.shards)
     data["transfer"]["data_root"] = storage.absolute(cfg.transfer.data_root)
-    return data
+    # A location the workers read from this dict must not need its credential: it would reach them stripped.
+    for key, value in (("workdir", data["workdir"]), ("pretrain.shards", data["pretrain"]["shards"])):
+        if value and redact(value) != value:
+            raise ConfigError(f"{key}: {redact(value)!r} carries a credential in its URL (user:password@ or a "
+                              "?query, e.g. a signed URL); this config is written to the workdir and logged to "
+                              "MLflow, so give storage credentials as AWS_* environment variables instead")
+    return redact(data)
 
 
 def write_resolved_config(cfg: Config, path: Optional[str] = None) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,7 +25,8 @@ import yaml
 
 from pipelines import cli
 from pipelines.config import load_config
-from pipelines.submit import JOB_CONFIG, credentials_from_env, job_config, stage_working_dir
+from pipelines.submit import (JOB_CONFIG, credentials_from_env, entrypoint, job_config, secret_overrides,
+                              stage_working_dir)
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -288,7 +290,7 @@ def test_staged_dir_and_credentials(tmp_path):
     skipped = stage_working_dir(src, dest, job_config(cfg))
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert files == sorted(["README.md", JOB_CONFIG, "pkg/a.py"])
-    assert skipped == ["data/big.bin"]
+    assert skipped.too_big == ["data/big.bin"] and skipped.secret == []
     shipped = load_config(dest / JOB_CONFIG)
     assert shipped.ray.address == "auto" and shipped.workdir == "/shared/w"
 
@@ -297,3 +299,146 @@ def test_staged_dir_and_credentials(tmp_path):
            "AWS_CA_BUNDLE": "/etc/ssl/cert.pem", "AWS_PROFILE": "dev"}
     assert credentials_from_env(env) == {"AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "u",
                                          "MLFLOW_TRACKING_TOKEN": "t"}
+
+
+# --------------------------------------------------------------------------- what ships, and credentials
+
+SECRETS = [".env", ".env.local", ".netrc", "id_rsa", "key.pem", "x.key", "runs.db", "mlruns/0/meta.yaml",
+           "conf/.env", "deploy/id_ed25519"]
+
+
+def _folder(root: Path, files: list[str]) -> Path:
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"content of {rel}\n")
+    return root
+
+
+def _dry_run(monkeypatch, capsys, src: Path, tmp_path: Path) -> tuple[set[str], str]:
+    """``vitscale submit --dry-run`` from ``src``: (the paths it lists, its stderr)."""
+    monkeypatch.setattr("pipelines.submit.source_root", lambda: src)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = tmp_path / "dry.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "dry", "workdir": "/shared/dry"}))
+    assert cli.main(["submit", str(cfg), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    listing = [line.split() for line in out.splitlines() if line[:12].strip().replace(",", "").isdigit()]
+    assert "would be shipped (dry run: nothing was sent)" in out
+    return {parts[1] for parts in listing}, err
+
+
+def test_dry_run_outside_git_applies_gitignore_and_the_deny_list(tmp_path, monkeypatch, capsys):
+    src = _folder(tmp_path / "proj", ["pkg/a.py", "README.md", "data/raw.bin", "notes.log", "keep.log",
+                                      "pkg/sub/.gitignore", "pkg/sub/b.py", "pkg/sub/gen.py", *SECRETS])
+    (src / ".gitignore").write_text("# data stays local\n/data/\n*.log\n!keep.log\n")
+    (src / "pkg/sub/.gitignore").write_text("gen.py\n")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # never the repo of a folder above
+    shipped, err = _dry_run(monkeypatch, capsys, src, tmp_path)
+    assert shipped == {".gitignore", "README.md", "keep.log", "pkg/a.py", "pkg/sub/.gitignore", "pkg/sub/b.py",
+                       JOB_CONFIG}
+    for rel in [".env", ".env.local", ".netrc", "id_rsa", "key.pem", "x.key", "runs.db", "conf/.env",
+                "deploy/id_ed25519"]:
+        assert f"not shipped (may hold secrets): {rel}\n" in err
+
+
+def test_dry_run_in_a_git_checkout_ships_what_git_would_commit_less_secrets(tmp_path, monkeypatch, capsys):
+    src = _folder(tmp_path / "repo", ["pkg/a.py", "pkg/new.py", "scratch/big.txt", *SECRETS])
+    (src / ".gitignore").write_text("scratch/\n.netrc\n")
+    git = ["git", "-C", str(src)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    # Tracked on purpose (a tracked .env is still a secret); pkg/new.py stays untracked, not ignored.
+    subprocess.run([*git, "add", "-f", "pkg/a.py", ".gitignore", ".env", "id_rsa", "key.pem", "runs.db",
+                    "mlruns/0/meta.yaml"], check=True)
+    (src / "link").symlink_to(tmp_path / "outside.txt")
+    (tmp_path / "outside.txt").write_text("aws_secret_access_key = x\n")
+    shipped, err = _dry_run(monkeypatch, capsys, src, tmp_path)
+    assert shipped == {".gitignore", "pkg/a.py", "pkg/new.py", JOB_CONFIG}
+    assert not any(name in line for line in shipped for name in ("scratch", ".netrc"))
+    assert "not shipped (may hold secrets): link\n" in err  # it leads out of the checkout
+    assert "not shipped (may hold secrets): .env\n" in err and "not shipped (may hold secrets): id_rsa\n" in err
+
+
+def test_staged_files_are_the_listed_ones(tmp_path, monkeypatch):
+    """What --dry-run lists is what the real submit stages: both come from stage_working_dir."""
+    src = _folder(tmp_path / "proj", ["pkg/a.py", *SECRETS])
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    skipped = stage_working_dir(src, dest, load_config(None, ["workdir=/shared/w"]))
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == ["pkg/a.py", JOB_CONFIG]
+    assert skipped.secret == [".env", ".env.local", ".netrc", "conf/.env", "deploy/id_ed25519", "id_rsa",
+                              "key.pem", "runs.db", "x.key"]  # mlruns is EXCLUDEd: an output, not reported
+
+
+def test_uri_credentials_leave_the_job_yaml_and_come_back_through_the_environment(tmp_path):
+    password, signature = f"pw-{uuid.uuid4().hex}", "X-Amz-Signature=abc123"
+    source = f"https://bucket.s3.amazonaws.com/i.csv?X-Amz-Credential=AK%2F1&{signature}"
+    cfg = job_config(load_config(None, ["workdir=/shared/w", f"tracking.uri=http://u:{password}@mlflow:5000",
+                                        f"shard.source={source}"]))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    stage_working_dir(tmp_path / "empty", dest, cfg)
+    text = (dest / JOB_CONFIG).read_text()
+    assert password not in text and signature not in text
+
+    overrides, env = secret_overrides(cfg)
+    command = entrypoint("shard", overrides)
+    assert password not in command and signature not in command and sorted(env) == ["VITSCALE_SECRET_0",
+                                                                                    "VITSCALE_SECRET_1"]
+    # The job's shell expands the variables; `vitscale shard` then reads exactly the submitted config.
+    echo = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+    res = subprocess.run(command.replace("vitscale", echo, 1), shell=True, env=env, cwd=dest, capture_output=True,
+                         text=True, check=True)
+    args = cli.build_parser().parse_args(json.loads(res.stdout))
+    assert args.command == "shard" and load_config(dest / args.config, args.overrides) == cfg
+
+
+@pytest.fixture
+def network_calls(monkeypatch):
+    """The addresses the reachability check (the first network call of submit) was asked for; each fails."""
+    import requests
+
+    calls = []
+
+    def get(url, **kwargs):
+        calls.append(url)
+        raise requests.ConnectionError("no network in this test")
+
+    monkeypatch.setattr(requests, "get", get)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("address", ["http://10.1.2.3:8265", "HEAD:8265"])
+def test_plain_http_to_another_machine_with_credentials_exits_2_before_any_network_call(
+        tmp_path, monkeypatch, capsys, network_calls, address):
+    cfg_path = _config(tmp_path)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    assert cli.main(["submit", str(cfg_path), "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert "unencrypted" in err and "AWS_SECRET_ACCESS_KEY" in err and "secret\n" not in err
+    assert "https://" in err and "tunnel" in err and "--insecure" in err
+    assert cli.main(["submit", str(cfg_path), "--address", address, "--dry-run"]) == 2  # what submit would do
+    assert network_calls == []
+
+    assert cli.main(["submit", str(cfg_path), "--address", address, "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --insecure" in err and "cannot reach the Ray dashboard" in err  # past the check
+    assert len(network_calls) == 1
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265",
+                                     "https://10.1.2.3:8265"])
+def test_loopback_or_https_with_credentials_is_allowed(tmp_path, monkeypatch, capsys, network_calls, address):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    assert cli.main(["submit", str(_config(tmp_path)), "--address", address]) == 2
+    assert "cannot reach the Ray dashboard" in capsys.readouterr().err
+    assert network_calls == [f"{address}/api/version"]
+
+
+def test_plain_http_without_credentials_is_allowed(tmp_path, monkeypatch, capsys, network_calls):
+    for name in [k for k in os.environ if credentials_from_env({k: os.environ[k]})]:
+        monkeypatch.delenv(name)
+    assert cli.main(["submit", str(_config(tmp_path)), "--address", "http://10.1.2.3:8265"]) == 2
+    assert "cannot reach the Ray dashboard" in capsys.readouterr().err
+    assert len(network_calls) == 1
