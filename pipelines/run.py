@@ -15,6 +15,7 @@ from pipelines.config import Config, flatten, to_dict
 from pipelines.tracking import stage_run, tracker_for, tracking_uri
 from pretrain import storage
 from pretrain.lease import Lease
+from pretrain.redact import redact
 
 
 def _stages() -> list[tuple[str, Callable[[Config], bool], Callable[..., dict]]]:
@@ -88,7 +89,7 @@ def summary(cfg: Config) -> str:
     if uri.startswith("sqlite"):
         lines.append(f"  MLflow UI:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:
-        lines.append(f"  MLflow:      {uri} (experiment '{cfg.tracking.experiment}')")
+        lines.append(f"  MLflow:      {redact(uri)} (experiment '{cfg.tracking.experiment}')")
     return "\n".join(lines)
 
 

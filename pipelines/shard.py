@@ -29,6 +29,7 @@ from pipelines.tracking import tracker_for
 from pretrain import storage
 from pretrain.errors import InputError
 from pretrain.lease import Lease
+from pretrain.redact import redact
 from pretrain.tracking import Tracker
 
 FORMAT = "vitscale-shards/1"
@@ -404,7 +405,7 @@ def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], 
         reasons.update(stats["failed_by_reason"])
     return {
         "format": FORMAT,
-        "source": cfg.shard.source,
+        "source": redact(cfg.shard.source),
         "hash": digest,
         "settings": settings_dict(cfg.shard),
         "seed": cfg.seed if cfg.shard.shuffle else None,

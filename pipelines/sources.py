@@ -30,6 +30,7 @@ from pipelines.config import ShardConfig
 from pretrain.storage import is_url
 from pipelines.images import Rejected
 from pretrain.errors import InputError
+from pretrain.redact import redact
 
 MAX_CLASSES = 1_000_000
 IMAGE_EXTENSIONS = frozenset(
@@ -116,7 +117,8 @@ def fingerprint(source: str) -> dict:
 
 
 def _canonical(source: str) -> str:
-    return source if is_url(source) else os.path.abspath(source)
+    """Without credentials: a signed URL signed again (a new expiry) is the same index."""
+    return redact(source) if is_url(source) else os.path.abspath(source)
 
 
 # --------------------------------------------------------------------------- planning

@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 from pipelines.config import Config, ConfigError, TrackingConfig
 from pretrain import storage
+from pretrain.redact import redact
 from pretrain.tracking import Tracker, bound_mlflow_http, end_run
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def _create_run(client, cfg: Config, stage: str, parent_run_id: Optional[str], t
         return client.create_run(exp, tags=all_tags, run_name=f"{cfg.name}-{stage}").info.run_id
     except (MlflowException, OSError) as e:
         log.warning("MLflow unreachable at %s (%s: %s); the %s stage runs without an MLflow run",
-                    client.tracking_uri, type(e).__name__, str(e)[:200], stage)
-        print(f"[vitscale] {stage}: MLflow unreachable at {client.tracking_uri}; running without an MLflow run",
+                    redact(client.tracking_uri), type(e).__name__, redact(str(e)[:200]), stage)
+        print(f"[vitscale] {stage}: MLflow unreachable at {redact(client.tracking_uri)}; running without an MLflow run",
               flush=True)
         return None
