@@ -7,6 +7,7 @@ or the file, so the CLI can print them and exit 2.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ class DownloadConfig:
     threads: int = 16
     backoff_s: float = 0.5  # first retry waits this long, then doubles
     respect_noai: bool = True  # honour X-Robots-Tag: noai / noimageai
+    # Schemes read through fsspec; http(s), file:// and plain paths are always read, with their own limits.
+    # A `::` chain needs every link listed. Object storage by default: the built-in source and an index on
+    # a bucket list their images beside it (s3://...), and the store is the one the stages write to.
+    allowed_schemes: tuple[str, ...] = ("s3", "s3a", "gs", "gcs", "az", "abfs")
+    allow_private: bool = False  # fetch from loopback, private and link-local addresses, redirects included
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class ShardConfig:
     quality: int = 95
     min_size: int = 16
     max_pixels: int = 89478485
+    max_decoded_mb: int = 256  # one image's decoded pixels (width x height x bands x bytes per band), in MiB
     max_in_flight: Optional[int] = None  # shard tasks in flight; None = 2 x cluster CPUs
     task_retries: int = 3  # Ray retries of a shard task whose worker died (the shard is redone whole)
     shuffle: bool = True  # write the rows in a seeded random order (pipelines/shuffle.py): i.i.d.-like shards
@@ -325,6 +332,19 @@ def check_workdir(cfg: Config) -> None:
                           "come from AWS_* / AWS_ENDPOINT_URL, never from the config)")
 
 
+def _check_schemes(cfg: Config) -> None:
+    """Allowed schemes are fsspec's, and the built-in source reads its images back from the workdir."""
+    allowed = cfg.shard.download.allowed_schemes
+    for scheme in allowed:
+        if scheme in ("http", "https", "file") or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+            raise ConfigError(f"shard.download.allowed_schemes: {scheme!r} is not an fsspec scheme to allow "
+                              "(lowercase, without '://'; http, https, file and plain paths are always read)")
+    workdir_scheme = cfg.workdir.split("://", 1)[0].lower() if "://" in cfg.workdir else "file"
+    if cfg.shard.source.startswith("builtin:") and workdir_scheme not in (*allowed, "file"):
+        raise ConfigError(f"shard.download.allowed_schemes: the built-in source's images are stored under the "
+                          f"workdir ({cfg.workdir}); add {workdir_scheme!r} to read them back")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
     p, m, s, t = cfg.pretrain, cfg.model, cfg.shard, cfg.transfer
@@ -334,6 +354,7 @@ def validate(cfg: Config) -> None:
         "shard.image_size": (s.image_size, 1),
         "shard.min_size": (s.min_size, 1),
         "shard.max_pixels": (s.max_pixels, 1),
+        "shard.max_decoded_mb": (s.max_decoded_mb, 1),
         "shard.download.threads": (s.download.threads, 1),
         "shard.download.retries": (s.download.retries, 0),
         "shard.task_retries": (s.task_retries, 0),
@@ -371,6 +392,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"shard.download.backoff_s: must be >= 0, got {s.download.backoff_s}")
     if s.download.timeout_s <= 0:
         raise ConfigError(f"shard.download.timeout_s: must be > 0, got {s.download.timeout_s}")
+    _check_schemes(cfg)
     if p.global_batch % (p.micro_batch * p.workers):
         raise ConfigError(
             f"pretrain.global_batch: {p.global_batch} is not micro_batch x workers x an integer "

@@ -1,29 +1,52 @@
 """Fetching the bytes behind one image location, with a failure reason when that is not possible.
 
-Locations are local paths (relative ones are taken from the index's folder), ``file://`` URLs, any
-fsspec URL (``s3://``, ``gs://``, ...) and ``http(s)://``. HTTP gets a timeout per attempt (connect,
-each read and the whole body), retries with exponential backoff on timeouts, dropped connections,
-408/429/5xx, and refuses images whose response says ``X-Robots-Tag: noai`` or ``noimageai``.
+Index rows come from outside, so every read has hard limits, and each refusal is a ``Rejected`` with its
+reason (one failed image, never a failed stage):
+
+- ``http(s)://``: at most ``timeout_s`` per attempt from connect to the last byte, enforced on every
+  receive (a server that drips a byte at a time is cut at the deadline), at most ``MAX_BYTES``; the host
+  and every redirect hop are resolved and refused when any address is not global (loopback, private,
+  link-local: a node's cloud metadata endpoint) unless ``allow_private``, and the connection goes to the
+  address checked, so a second DNS answer cannot swap it. Retries with exponential backoff on timeouts,
+  dropped connections, 408/429/5xx; refuses images whose response says ``X-Robots-Tag: noai`` or
+  ``noimageai``.
+- local paths (relative ones are taken from the index's folder) and ``file://``: regular files only
+  (FIFOs, devices, directories are refused without opening them), at most ``MAX_BYTES``.
+- other schemes go through fsspec, and only those in ``allowed_schemes`` (every link of a ``::`` chain):
+  at most ``MAX_BYTES``, the deadline checked between pieces (the store's client bounds each request).
 """
 from __future__ import annotations
 
+import functools
+import http.client
+import ipaddress
+import math
 import os
-import threading
+import socket
+import ssl
+import stat
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from pipelines.config import DownloadConfig
 from pipelines.images import Rejected
 from pretrain.storage import is_url
 
 USER_AGENT = "vitscale/0.1 (+image pretraining dataset builder)"
+HEADERS = {"User-Agent": USER_AGENT, "Accept": "*/*", "Connection": "close"}
 MAX_BYTES = 64 << 20  # a response larger than any sane image is refused, not buffered
 CHUNK = 1 << 16
+MAX_REDIRECTS = 5
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 NOAI = frozenset({"noai", "noimageai"})
+GUARDED = frozenset({"http", "https", "file"})  # read here with the limits, never handed to fsspec
+URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # kept as written when quoting a path, as requests does
+FILE_KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "b": "a block device",
+              "s": "a socket"}  # stat.filemode's first letter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,28 +84,32 @@ class Fetcher:
     def __init__(self, download: DownloadConfig, base: Optional[str] = None):
         self.cfg = download
         self.base = base
-        self._local = threading.local()
 
     def fetch(self, location: str) -> bytes:
         """The bytes at ``location``, or ``Rejected`` with the reason (missing, http_404, timeout, ...)."""
         target = resolve(location, self.base)
-        scheme = urlsplit(target).scheme.lower() if is_url(target) else ""
-        if scheme in ("http", "https"):
-            return self._http(target)
+        if not is_url(target):
+            return _read_local(target)
+        scheme = self._scheme(target)
         if scheme == "file":
             return _read_local(unquote(urlsplit(target).path))
-        if scheme:
-            return self._retrying(lambda: _read_fsspec(target))
-        return _read_local(target)
+        if scheme in ("http", "https"):
+            return self._retrying(lambda: self._http(target))
+        return self._retrying(lambda: _read_fsspec(target, time.monotonic() + self.cfg.timeout_s))
 
-    def _session(self):
-        import requests
-
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.headers["User-Agent"] = USER_AGENT
-        return session
+    def _scheme(self, target: str) -> str:
+        """The scheme of ``target`` (a ``::`` chain's first link), or ``Rejected`` when one is not allowed."""
+        scheme = urlsplit(target).scheme.lower()
+        if scheme in GUARDED:  # read here, where "::" is just characters (http://[::1]/), never a chain
+            return scheme
+        links = [part.split("://", 1)[0].lower() for part in target.split("::")]  # as fsspec splits it
+        for link in links:
+            if link in GUARDED:  # fsspec's own http or file reader would skip every limit here
+                raise Rejected("scheme", f"{link}:// inside an fsspec chain is not read: {target}")
+            if link not in self.cfg.allowed_schemes:
+                raise Rejected("scheme", f"{link}:// is not in shard.download.allowed_schemes "
+                                         f"{list(self.cfg.allowed_schemes)}: {target}")
+        return links[0]
 
     def _retrying(self, attempt: Callable[[], bytes]) -> bytes:
         """Run ``attempt`` up to 1 + retries times; only ``Rejected`` marked retryable is retried."""
@@ -96,29 +123,74 @@ class Fetcher:
         raise last
 
     def _http(self, url: str) -> bytes:
-        import requests
+        """One attempt at ``url``, its errors turned into reasons."""
+        try:
+            return self._follow(url, time.monotonic() + self.cfg.timeout_s)
+        except TimeoutError:
+            raise _Retryable(Rejected("timeout", f"not complete within {self.cfg.timeout_s:g} s: {url}")) from None
+        except ssl.SSLCertVerificationError as e:
+            raise Rejected("tls", f"{e.verify_message}: {url}") from None
+        except http.client.InvalidURL as e:
+            raise Rejected("bad_url", f"{e}: {url}") from None
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, DNS failure, not HTTP at all
+            raise _Retryable(Rejected("connection", f"{type(e).__name__}: {url}")) from None
 
-        def attempt() -> bytes:
-            t = self.cfg.timeout_s
-            deadline = time.monotonic() + t
+    def _follow(self, url: str, deadline: float) -> bytes:
+        """GET ``url``, following redirects ourselves so that every hop's scheme and address is checked."""
+        for _ in range(MAX_REDIRECTS + 1):
+            conn = self._request(url, deadline)
             try:
-                with self._session().get(url, timeout=(t, t), stream=True) as r:
-                    if self.cfg.respect_noai and noai_directive(r.headers.get("X-Robots-Tag")):
-                        raise Rejected("noai", f"X-Robots-Tag: {r.headers['X-Robots-Tag']}")
-                    if r.status_code >= 400:
-                        err = Rejected(f"http_{r.status_code}", url)
-                        if r.status_code in RETRY_STATUS:
-                            raise _Retryable(err)
-                        raise err
-                    return _read_body(r, deadline, url)
-            except requests.Timeout:
-                raise _Retryable(Rejected("timeout", f"no answer within {t:g} s: {url}")) from None
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-                raise _Retryable(Rejected("connection", f"{type(e).__name__}: {url}")) from None
-            except requests.RequestException as e:  # bad URL, too many redirects, ...
-                raise Rejected("bad_url", f"{type(e).__name__}: {url}") from None
+                response = conn.getresponse()
+                location = response.getheader("Location") if response.status in REDIRECT_STATUS else None
+                if location is None:
+                    return self._body(response, url)
+            finally:
+                conn.close()
+            url = _redirect(url, location)
+        raise Rejected("redirects", f"more than {MAX_REDIRECTS}: {url}")
 
-        return self._retrying(attempt)
+    def _request(self, url: str, deadline: float) -> http.client.HTTPConnection:
+        """A connection to a checked address of ``url``'s host with the GET sent; every receive on it
+        gives up at ``deadline``."""
+        scheme, host, port, target = _split(url)
+        addresses = self._addresses(host, port)
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, context=_tls_context(_ca_bundle()))
+        else:
+            conn = http.client.HTTPConnection(host, port)
+        conn._create_connection = lambda *_: _connect(addresses, deadline)  # the checked addresses only
+        try:
+            conn.connect()
+            conn.sock.deadline = deadline
+            conn.request("GET", target, headers=HEADERS)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _addresses(self, host: str, port: int) -> list[tuple[int, tuple]]:
+        """``(family, sockaddr)`` for each address of ``host``; ``Rejected`` when any one is not global
+        and private addresses are not allowed (one bad answer among good ones is enough to refuse)."""
+        found = [(family, sockaddr) for family, _, _, _, sockaddr in
+                 socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+        if not self.cfg.allow_private:
+            for _, sockaddr in found:
+                ip = ipaddress.ip_address(sockaddr[0])
+                if not _public(ip):
+                    raise Rejected("private_address", f"{ip} is not a public address (host {host}; "
+                                                      "shard.download.allow_private is off)")
+        return found
+
+    def _body(self, response: http.client.HTTPResponse, url: str) -> bytes:
+        if self.cfg.respect_noai and noai_directive(response.getheader("X-Robots-Tag")):
+            raise Rejected("noai", f"X-Robots-Tag: {response.getheader('X-Robots-Tag')}")
+        if response.status >= 300:
+            err = Rejected(f"http_{response.status}", url)
+            raise _Retryable(err) if response.status in RETRY_STATUS else err
+        length = response.getheader("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BYTES:
+            raise Rejected("too_large", f"Content-Length {length} is over {MAX_BYTES >> 20} MiB: {url}")
+        return _read_capped(response.read, url)
 
 
 class _Retryable(Exception):
@@ -127,34 +199,134 @@ class _Retryable(Exception):
         self.rejected = rejected
 
 
-def _read_body(response, deadline: float, url: str) -> bytes:
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Routable on the internet: not loopback, private, link-local, shared (CGNAT), reserved or multicast."""
+    return ip.is_global and not ip.is_multicast
+
+
+def _split(url: str) -> tuple[str, str, int, str]:
+    """Scheme, host (IDNA-encoded), port and request target of an http(s) URL, or ``Rejected('bad_url')``."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = (parts.hostname or "").encode("idna").decode("ascii")
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:  # a port that is no number, a host IDNA cannot encode
+        raise Rejected("bad_url", url) from None
+    if not host:
+        raise Rejected("bad_url", f"no host: {url}")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return scheme, host, port, quote(target, safe=URL_SAFE)
+
+
+def _redirect(url: str, location: str) -> str:
+    """The next hop of a redirect, or ``Rejected`` when it leaves http(s) (``file://``, ``gopher://``...)."""
+    hop = urljoin(url, location)
+    if urlsplit(hop).scheme.lower() not in ("http", "https"):
+        raise Rejected("scheme", f"redirect to {hop} from {url}: only http and https are followed")
+    return hop
+
+
+class _DeadlineRecv:
+    """Every receive waits only until ``deadline`` (set once connected). http.client reads a body, a
+    header line or a TLS record with as many receives as it takes, so a timeout per receive alone lets a
+    server that sends one byte now and then hold a read forever."""
+
+    deadline: float
+
+    def recv_into(self, *args, **kwargs) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.settimeout(left)
+        return super().recv_into(*args, **kwargs)
+
+
+class _DeadlineSocket(_DeadlineRecv, socket.socket):
+    pass
+
+
+class _DeadlineSSLSocket(_DeadlineRecv, ssl.SSLSocket):
+    pass
+
+
+def _connect(addresses: list[tuple[int, tuple]], deadline: float) -> socket.socket:
+    """A TCP connection to the first of ``addresses`` that answers before ``deadline``."""
+    error: OSError = TimeoutError("deadline passed")
+    for family, sockaddr in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(left)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
+
+
+def _ca_bundle() -> str:
+    """The CA bundle requests would use (its variables, then certifi's): nodes without system CAs verify."""
+    from requests.certs import where
+
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or where()
+
+
+@functools.lru_cache(maxsize=None)
+def _tls_context(cafile: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cafile)
+    context.sslsocket_class = _DeadlineSSLSocket  # the deadline holds inside TLS too
+    return context
+
+
+def _read_capped(read: Callable[[int], bytes], where: str, deadline: float = math.inf) -> bytes:
+    """Everything ``read`` gives, refused once past ``MAX_BYTES`` or ``deadline`` rather than buffered on."""
     parts, size = [], 0
-    for chunk in response.iter_content(CHUNK):
-        parts.append(chunk)
+    while chunk := read(CHUNK):
         size += len(chunk)
         if size > MAX_BYTES:
-            raise Rejected("too_large", f"response over {MAX_BYTES >> 20} MiB: {url}")
+            raise Rejected("too_large", f"over {MAX_BYTES >> 20} MiB: {where}")
         if time.monotonic() > deadline:
-            raise _Retryable(Rejected("timeout", f"body not complete in time: {url}"))
+            raise _Retryable(Rejected("timeout", f"not complete in time: {where}"))
+        parts.append(chunk)
     return b"".join(parts)
 
 
+def _check_regular(st: os.stat_result, path: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = FILE_KINDS.get(stat.filemode(st.st_mode)[0], "not a regular file")
+        raise Rejected("not_a_file", f"{kind}: {path}")
+    if st.st_size > MAX_BYTES:
+        raise Rejected("too_large", f"{st.st_size} bytes, over {MAX_BYTES >> 20} MiB: {path}")
+
+
 def _read_local(path: str) -> bytes:
+    """A regular file's bytes. Checked before opening, since opening a FIFO waits for a writer and a
+    device like ``/dev/zero`` never ends; opened non-blocking in case it was swapped since the check."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        _check_regular(os.stat(path), path)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            _check_regular(os.fstat(f.fileno()), path)
+            return _read_capped(f.read, path)
     except FileNotFoundError:
         raise Rejected("missing", path) from None
-    except OSError as e:  # a directory, no permission, an I/O error
+    except OSError as e:  # no permission, an I/O error
         raise Rejected("unreadable", f"{type(e).__name__}: {path}") from None
 
 
-def _read_fsspec(url: str) -> bytes:
+def _read_fsspec(url: str, deadline: float) -> bytes:
     import fsspec
 
     try:
         with fsspec.open(url, "rb") as f:
-            return f.read()
+            if (getattr(f, "size", None) or 0) > MAX_BYTES:
+                raise Rejected("too_large", f"{f.size} bytes, over {MAX_BYTES >> 20} MiB: {url}")
+            return _read_capped(f.read, url, deadline)
     except FileNotFoundError:
         raise Rejected("missing", url) from None
     except (PermissionError, IsADirectoryError) as e:

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 from pipelines.config import ShardConfig
 
@@ -48,10 +48,12 @@ class ImageSettings:
     quality: int = 95
     min_size: int = 16
     max_pixels: int = 89478485
+    max_decoded_mb: int = 256
 
     @classmethod
     def from_config(cls, shard: ShardConfig) -> "ImageSettings":
-        return cls(shard.image_size, shard.resize_mode, shard.quality, shard.min_size, shard.max_pixels)
+        return cls(shard.image_size, shard.resize_mode, shard.quality, shard.min_size, shard.max_pixels,
+                   shard.max_decoded_mb)
 
 
 class Rejected(Exception):
@@ -131,6 +133,20 @@ def _orientation(im: Image.Image) -> int:
     return value if value in TRANSPOSE else 1
 
 
+def _load(im: Image.Image, settings: ImageSettings) -> None:
+    """Decode ``im`` (at its draft size for JPEG), unless its pixels would take more than ``max_decoded_mb``.
+
+    ``max_pixels`` alone lets a 9400x9400 RGBA PNG of a few hundred KB through: 337 MiB decoded, over
+    1 GiB while it is composited and converted, and one such image per CPU can take a node down.
+    """
+    mode = ImageMode.getmode(im.mode)
+    decoded = im.width * im.height * len(mode.bands) * int(mode.typestr[-1])  # typestr: "|u1", "<u2", "<f4"
+    if decoded > settings.max_decoded_mb << 20:
+        raise Rejected("too_large", f"{im.width}x{im.height} {im.mode} decodes to {decoded / 2**20:.0f} MiB, "
+                                    f"over max_decoded_mb {settings.max_decoded_mb}")
+    im.load()
+
+
 def _encode(im: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality)
@@ -167,13 +183,13 @@ def _process_open(im: Image.Image, data: bytes, settings: ImageSettings) -> Enco
     try:
         if is_jpeg and out is None and im.mode == "RGB" and orientation == 1:
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # only proves the whole stream decodes
-            im.load()
+            _load(im, settings)
             return Encoded(data, original, original, kept_original=True)
         if is_jpeg and out is not None:
             # Decode at the smallest DCT scale that keeps the short side >= the output's short side.
             k = min(out) / min(w, h)
             im.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
-        im.load()
+        _load(im, settings)
         if not is_jpeg:  # other formats keep EXIF where only a full load finds it
             orientation = _orientation(im)
             out = target_size((h, w) if orientation >= 5 else (w, h), settings)

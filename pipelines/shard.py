@@ -55,8 +55,9 @@ def settings_dict(shard: ShardConfig) -> dict:
     return {"path_column": shard.path_column, "label_column": shard.label_column,
             "samples_per_shard": shard.samples_per_shard, "image_size": shard.image_size,
             "resize_mode": shard.resize_mode, "quality": shard.quality, "min_size": shard.min_size,
-            "max_pixels": shard.max_pixels, "respect_noai": shard.download.respect_noai,
-            "shuffle": shard.shuffle, "holdout": shard.holdout}
+            "max_pixels": shard.max_pixels, "max_decoded_mb": shard.max_decoded_mb,
+            "respect_noai": shard.download.respect_noai, "allowed_schemes": sorted(shard.download.allowed_schemes),
+            "allow_private": shard.download.allow_private, "shuffle": shard.shuffle, "holdout": shard.holdout}
 
 
 def _builtin_name(source: str) -> str:

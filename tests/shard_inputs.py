@@ -2,12 +2,15 @@
 the stage must convert or reject, and a small HTTP server on 127.0.0.1 that misbehaves on purpose."""
 from __future__ import annotations
 
+import functools
 import io
 import socket
+import ssl
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
+from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image
@@ -91,6 +94,12 @@ def tiny_jpeg() -> bytes:
     return jpeg(4, (8, 8))
 
 
+@functools.cache
+def bomb_png() -> bytes:
+    """9400x9400 RGBA, about 340 KB as PNG: under the default ``max_pixels``, 337 MiB once decoded."""
+    return encode(Image.new("RGBA", (9400, 9400), (0, 0, 0, 0)), "PNG")
+
+
 BAD_FILES = {  # name -> (bytes, expected reason)
     "truncated.jpg": (truncated_jpeg, "undecodable"),
     "empty.jpg": (lambda: b"", "empty"),
@@ -115,25 +124,35 @@ class ImageServer:
 
     ``/img/NAME`` serves ``files[NAME]``; ``/noai/NAME`` the same with ``X-Robots-Tag: noai``;
     ``/missing`` is a 404; ``/slow`` answers after ``slow_s``; ``/reset`` drops the connection with a
-    TCP reset; ``/redirect/NAME`` is a 302 to ``/img/NAME``; ``/hold/NAME`` blocks its first request
-    until ``release()`` (or ``hold_s``), later ones are served at once.
+    TCP reset; ``/redirect/NAME`` is a 302 to ``/img/NAME``; ``/goto/QUOTED`` a 302 to the URL-quoted
+    location; ``/hold/NAME`` blocks its first request until ``release()`` (or ``hold_s``), later ones are
+    served at once; ``/drip/NAME`` sends the headers, then the body one byte every ``drip_s``.
+    ``paths`` lists the paths asked for; ``drips`` counts the bytes dripped so far. With ``tls`` (a
+    server context) it speaks HTTPS.
     """
 
-    def __init__(self, files: dict[str, bytes], slow_s: float = 3.0, hold_s: float = 60.0):
+    def __init__(self, files: dict[str, bytes], slow_s: float = 3.0, hold_s: float = 60.0,
+                 drip_s: float = 0.25, host: str = "127.0.0.1", tls: Optional[ssl.SSLContext] = None):
         self.files = files
-        self.slow_s, self.hold_s = slow_s, hold_s
+        self.slow_s, self.hold_s, self.drip_s = slow_s, hold_s, drip_s
+        self.paths: list[str] = []
+        self.drips = 0
         self.held = threading.Event()  # a /hold request is waiting
         self._release = threading.Event()
         self._stop = threading.Event()
         self._holds_left = 1
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer((host, 0), self._handler())
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host, port = self.server.server_address[:2]
+        return f"{self.scheme}://{host}:{port}"
 
     def release(self) -> None:
         self._release.set()
@@ -178,7 +197,22 @@ class ImageServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _drip(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        outer.drips += 1
+                        if outer._stop.wait(outer.drip_s):
+                            return
+                except OSError:  # the client hung up: what a deadline does
+                    pass
+
             def do_GET(self) -> None:  # noqa: N802 - the http.server name
+                outer.paths.append(self.path)
                 parts = self.path.strip("/").split("/", 1)
                 head, name = parts[0], parts[1] if len(parts) > 1 else ""
                 if head == "img" and name in outer.files:
@@ -187,6 +221,10 @@ class ImageServer:
                     self._send(outer.files[name], headers={"X-Robots-Tag": "noai, noimageai"})
                 elif head == "redirect":
                     self._send(b"", 302, {"Location": f"/img/{name}"})
+                elif head == "goto":
+                    self._send(b"", 302, {"Location": unquote(name)})
+                elif head == "drip" and name in outer.files:
+                    self._drip(outer.files[name])
                 elif head == "slow":
                     outer._stop.wait(outer.slow_s)
                     self._send(outer.files.get(name, b""))

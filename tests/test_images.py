@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipelines.fetch import noai_directive
 from pipelines.images import ImageSettings, Rejected, _resize, process, target_size
-from shard_inputs import BAD_FILES, MAX_PIXELS, UNUSUAL_FILES, encode, exif_rotated_jpeg, jpeg, photo
+from shard_inputs import BAD_FILES, MAX_PIXELS, UNUSUAL_FILES, bomb_png, encode, exif_rotated_jpeg, jpeg, photo
 
 SETTINGS = ImageSettings(image_size=64, resize_mode="keep_ratio", quality=95, min_size=16, max_pixels=MAX_PIXELS)
 
@@ -155,3 +155,27 @@ def test_resize_mode_none_keeps_the_size_but_converts():
 ])
 def test_noai_header(header, expected):
     assert noai_directive(header) is expected
+
+
+def test_a_small_png_that_decodes_huge_is_refused_by_the_memory_budget():
+    """9400x9400 RGBA in 343 KB: under max_pixels, but 337 MiB decoded (over 1 GiB while converted)."""
+    data = bomb_png()
+    assert len(data) < 1 << 20 and 9400 * 9400 <= ImageSettings().max_pixels
+    with pytest.raises(Rejected) as err:
+        process(data, ImageSettings())
+    assert err.value.reason == "too_large" and "337 MiB, over max_decoded_mb 256" in str(err.value)
+
+
+def test_the_budget_counts_bands_bit_depth_and_the_draft_size():
+    """What counts is what Pillow would decode: 16-bit greys take twice the bytes of 8-bit ones, and a
+    JPEG decoded at a DCT scale only takes that scale's pixels."""
+    small = ImageSettings(image_size=64, max_decoded_mb=6)
+    grey8 = encode(Image.new("L", (2048, 2048), 128), "PNG")  # 4 MiB decoded
+    grey16 = encode(Image.fromarray(np.full((2048, 2048), 30000, np.uint16)), "PNG")  # 8 MiB
+    assert process(grey8, small).size == (64, 64)
+    with pytest.raises(Rejected, match="too_large: 2048x2048 I;16 decodes to 8 MiB"):
+        process(grey16, small)
+    big = photo(3, (2048, 1536))  # 9 MiB as RGB
+    with pytest.raises(Rejected, match="too_large"):
+        process(encode(big, "PNG"), small)
+    assert process(encode(big, "JPEG", quality=90), small).size == (85, 64)  # decoded at 1/8 scale

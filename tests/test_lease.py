@@ -109,7 +109,7 @@ def test_second_vitscale_shard_and_pretrain_exit_2_naming_the_holder(ray_local, 
             rows = [(f"{server.url}/hold/0.jpg", 0)] + [(f"{server.url}/img/{i}.jpg", i % 2) for i in range(1, 4)]
             csv.writer(f).writerows([("path", "label"), *rows])
         args = ["shard", "--source", str(tmp_path / "urls.csv"), "--set", f"workdir={tmp_path / 'wd'}",
-                "--set", "shard.samples_per_shard=2"]
+                "--set", "shard.samples_per_shard=2", "--set", "shard.download.allow_private=true"]
         first = subprocess.Popen([str(Path(sys.executable).with_name("vitscale")), *args], cwd=tmp_path,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:

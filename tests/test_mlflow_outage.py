@@ -40,7 +40,8 @@ def test_server_killed_mid_shard_stage_exits_0_and_the_run_ends_finished(ray_loc
         with MlflowServer(tmp_path, str(tmp_path / "artifacts")) as server:
             thread, out = _in_thread(["shard", "--source", str(tmp_path / "urls.csv"), "--set", f"workdir={tmp_path}/wd",
                                       "--set", f"tracking.uri={server.uri}", "--set", "tracking.experiment=outage",
-                                      "--set", "shard.samples_per_shard=2", "--set", "shard.max_in_flight=1"])
+                                      "--set", "shard.samples_per_shard=2", "--set", "shard.max_in_flight=1",
+                                      "--set", "shard.download.allow_private=true"])
             assert images.held.wait(120)
             server.kill()
             images.release()  # the remaining shards, their progress metrics and the end go to a dead server

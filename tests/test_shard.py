@@ -41,6 +41,7 @@ def make_folder(root, per_class: int = 7, size: Optional[tuple[int, int]] = None
 def config(tmp_path, source: str, **overrides):
     base = {"workdir": str(tmp_path / "wd"), "shard.source": source, "shard.samples_per_shard": 5,
             "shard.image_size": 48, "shard.download.threads": 4,
+            "shard.download.allow_private": True,  # the test ImageServer is on 127.0.0.1
             "shard.max_in_flight": 2}  # two workers: each imports torch (via webdataset) once
     return replace(load_config(None), **{**base, **overrides})
 
@@ -141,7 +142,7 @@ def test_bad_inputs_are_recorded_not_fatal(ray_local, tmp_path):
     rows.append({"path": "missing.jpg", "label": 0})
     expected["missing.jpg"] = "missing"
     rows.append({"path": "good0.jpg", "label": "seven"})  # a string among integer labels
-    rows.append({"path": "good1.jpg", "label": [1]})
+    rows.append({"path": "good1.jpg", "label": {"id": 1}})  # (a list would make the index multi-label)
     with open(root / "index.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
