@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines.config import Config
+from pretrain.metrics import hardware_flops_per_image, model_flops_per_image
 from pretrain.errors import InputError
 
 # Dense tensor-core peaks per GPU in TFLOP/s (vendor data sheets: SXM parts, no sparsity).
@@ -117,8 +118,8 @@ def make_plan(cfg: Config, images: int, nodes: int, gpus_per_node: int, gpu: str
     vcfg, model = _model(cfg)
     params = num_params(model)
     macs = macs_per_image(vcfg)
-    passes = 3 + (1 if vcfg.act_checkpoint else 0)
-    flops_per_image = 2 * macs * passes
+    flops_per_image = model_flops_per_image(vcfg)  # MFU counts model FLOPs: the recomputation is not work done
+    hardware_flops = hardware_flops_per_image(vcfg, vcfg.act_checkpoint)
     gpus = nodes * gpus_per_node
     peak = p.peak_tflops or PEAK_TFLOPS[gpu][p.precision]
     if mfu is None:
@@ -154,6 +155,7 @@ def make_plan(cfg: Config, images: int, nodes: int, gpus_per_node: int, gpu: str
         "num_classes": vcfg.num_classes,
         "classes_source": "config" if p.num_classes else "assumed",
         "params": params, "macs_per_image": macs, "train_flops_per_image": flops_per_image,
+        "hardware_flops_per_image": hardware_flops,
         "act_checkpoint": vcfg.act_checkpoint, "precision": p.precision,
         "gpu": gpu, "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus,
         "peak_tflops": peak, "peak_source": "config" if p.peak_tflops else "data sheet",
@@ -270,8 +272,10 @@ def format_plan(plan: dict) -> str:
         "Compute",
         f"  model: {p['params'] / 1e6:,.1f} M parameters ({p['num_classes']} classes, {p['classes_source']}), "
         f"{p['macs_per_image'] / 1e9:.2f} GMACs per image forward",
-        f"  train FLOPs per image: {p['train_flops_per_image'] / 1e9:.1f} GFLOP "
-        f"(2 x MACs x {'4: forward, backward, recomputed forward' if p['act_checkpoint'] else '3: forward + backward'})",
+        f"  train FLOPs per image: {p['train_flops_per_image'] / 1e9:.1f} GFLOP (model FLOPs, what MFU counts: "
+        f"2 x MACs x 3, forward + backward)"
+        + (f"; the GPUs run {p['hardware_flops_per_image'] / 1e9:.1f} with the recomputed forward "
+           f"(HFU = 4/3 MFU)" if p["act_checkpoint"] else ""),
         f"  peak {p['peak_tflops']:g} TFLOP/s per GPU ({p['precision']}, {p['peak_source']}); "
         f"MFU {p['mfu']:.0%} ({p['mfu_source']})",
         f"  throughput: {p['images_per_s']:,.0f} images/s ({p['images_per_s'] / p['gpus']:,.0f} per GPU)",

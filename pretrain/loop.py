@@ -20,7 +20,8 @@ import torch.distributed as dist
 from pretrain.engine import (build_engine, compile_blocks, full_state_dict, grad_norm, init_distributed, train_step,
                              vit_config)
 from pretrain.fewshot_probe import FewshotProbe
-from pretrain.metrics import Meter, detect_peak_tflops, memory_stats, train_flops_per_image
+from pretrain.metrics import (Meter, detect_peak_tflops, hardware_flops_per_image, memory_stats,
+                              model_flops_per_image)
 from pretrain.model import ViT, num_params
 from pretrain import storage
 from pretrain.tracking import Tracker
@@ -70,8 +71,8 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
             num_classes=num_classes, pin_memory=p.use_gpu)
         batches = iter(loader)
         fewshot = FewshotProbe(p.fewshot, m.img_size, data_root, seed, p.augment) if p.fewshot.datasets else None
-        meter = Meter(train_flops_per_image(vit, m.act_checkpoint), world,
-                      p.peak_tflops or detect_peak_tflops(info.device))
+        meter = Meter(model_flops_per_image(vit), world, p.peak_tflops or detect_peak_tflops(info.device),
+                      hardware_flops_per_image(vit, m.act_checkpoint))
         metrics: dict[str, float] = {}
         losses: list[torch.Tensor] = []
         while step < p.steps:
@@ -172,7 +173,7 @@ class MetricsLog:
 def _console(metrics: dict[str, float]) -> str:
     if "loss" not in metrics:
         return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    mfu = f"{metrics['mfu']:.1%}" if "mfu" in metrics else "-"
+    mfu = f"{metrics['mfu']:.1%} (HFU {metrics['hfu']:.1%})" if "mfu" in metrics else "-"
     mem = next((f"{v:.2f} GiB" for k, v in metrics.items() if k.startswith("mem_peak")), "-")
     return (f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
             f"img/s {metrics['img_per_s']:.1f} TFLOP/s {metrics['tflops_per_device']:.3g} MFU {mfu} "

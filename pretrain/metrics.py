@@ -1,8 +1,10 @@
-"""Throughput accounting: images/s, achieved TFLOP/s, MFU, data-wait fraction and memory.
+"""Throughput accounting: images/s, achieved TFLOP/s, MFU and HFU, data-wait fraction and memory.
 
-Model FLOPs come from the ViT's shape (``pretrain.model.macs_per_image``): 2 FLOPs per multiply-add,
-a training step is 3 forward passes (forward + backward twice the forward), and one forward more
-when activations are recomputed. MFU = achieved model FLOP/s per device / the device's peak.
+FLOPs come from the ViT's shape (``pretrain.model.macs_per_image``): 2 FLOPs per multiply-add. As PaLM
+defines them, *model* FLOPs of a training step are 3 forward passes (forward + backward, twice the
+forward) whatever the implementation does; *hardware* FLOPs add the forward that activation
+checkpointing recomputes. MFU = achieved model FLOP/s per device / the device's peak, HFU the same
+with hardware FLOPs: with checkpointing, MFU = 3/4 HFU.
 """
 from __future__ import annotations
 
@@ -21,8 +23,13 @@ from pretrain.model import ViTConfig, macs_per_image
 PEAK_TFLOPS: dict[str, float] = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 
 
-def train_flops_per_image(vit: ViTConfig, act_checkpoint: bool = False, img_size: Optional[int] = None) -> float:
-    """Model FLOPs of one training step per image: 2 x MACs x (3, or 4 with activation recomputation)."""
+def model_flops_per_image(vit: ViTConfig, img_size: Optional[int] = None) -> float:
+    """Model FLOPs of one training step per image: 2 x MACs x 3 (forward + backward)."""
+    return 2.0 * macs_per_image(vit, img_size) * 3
+
+
+def hardware_flops_per_image(vit: ViTConfig, act_checkpoint: bool, img_size: Optional[int] = None) -> float:
+    """FLOPs the device runs per image: the model FLOPs plus the recomputed forward when checkpointing."""
     return 2.0 * macs_per_image(vit, img_size) * (4 if act_checkpoint else 3)
 
 
@@ -46,8 +53,10 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 class Meter:
     """Accumulates images, step time and data-wait time between two ``report`` calls (one log window)."""
 
-    def __init__(self, flops_per_image: float, world_size: int, peak_tflops: Optional[float]):
+    def __init__(self, flops_per_image: float, world_size: int, peak_tflops: Optional[float],
+                 hardware_flops_per_image: Optional[float] = None):
         self.flops_per_image = flops_per_image
+        self.hardware_flops_per_image = hardware_flops_per_image or flops_per_image
         self.world_size = world_size
         self.peak_tflops = peak_tflops
         self._reset()
@@ -76,9 +85,12 @@ class Meter:
         """Rates over the window since the last report, then start a new window."""
         seconds = max(time.perf_counter() - self.start - self.excluded_s, 1e-9)
         img_s = self.images / seconds
-        tflops = img_s * self.flops_per_image / self.world_size / 1e12  # per device
-        out = {"img_per_s": img_s, "tflops_per_device": tflops, "data_wait_frac": min(self.data_s / seconds, 1.0)}
+        tflops = img_s * self.flops_per_image / self.world_size / 1e12  # per device, model FLOPs
+        hardware = tflops * self.hardware_flops_per_image / self.flops_per_image
+        out = {"img_per_s": img_s, "tflops_per_device": tflops, "hardware_tflops_per_device": hardware,
+               "data_wait_frac": min(self.data_s / seconds, 1.0)}
         if self.peak_tflops:
             out["mfu"] = tflops / self.peak_tflops
+            out["hfu"] = hardware / self.peak_tflops
         self._reset()
         return out

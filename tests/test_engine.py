@@ -18,7 +18,8 @@ from pretrain.engine import _merge, deepspeed_config, grad_accum_steps, param_gr
 from pretrain.errors import InputError
 from pretrain.launch import Section, read_spec
 from pretrain.loop import _check_finite
-from pretrain.metrics import PEAK_TFLOPS, Meter, detect_peak_tflops, train_flops_per_image
+from pretrain.metrics import (PEAK_TFLOPS, Meter, detect_peak_tflops, hardware_flops_per_image,
+                              model_flops_per_image)
 from pretrain.model import ViT, ViTConfig, macs_per_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,9 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 def test_vit_b16_flops_match_published_17_6_gmacs():
     b16 = ViTConfig.from_variant("B/16", num_classes=1000, img_size=224)
     assert macs_per_image(b16) == pytest.approx(17.6e9, rel=0.01)
-    # 2 FLOPs per MAC; forward + backward = 3 forwards; recomputing activations adds one forward.
-    assert train_flops_per_image(b16) == 6 * macs_per_image(b16)
-    assert train_flops_per_image(b16, act_checkpoint=True) == 8 * macs_per_image(b16)
+    # 2 FLOPs per MAC; forward + backward = 3 forwards; recomputing activations adds one forward, which
+    # the device runs (HFU) but the model does not need (MFU, as PaLM defines it).
+    assert model_flops_per_image(b16) == 6 * macs_per_image(b16)
+    assert hardware_flops_per_image(b16, act_checkpoint=False) == 6 * macs_per_image(b16)
+    assert hardware_flops_per_image(b16, act_checkpoint=True) == 8 * macs_per_image(b16)
+
+
+def test_with_activation_checkpointing_mfu_is_three_quarters_of_hfu_for_the_same_step():
+    b16 = ViTConfig.from_variant("B/16", num_classes=1000, img_size=224, act_checkpoint=True)
+    meter = Meter(model_flops_per_image(b16), 8, 989.0, hardware_flops_per_image(b16, b16.act_checkpoint))
+    meter.add(images=2048, data_s=0.0)
+    out = meter.report()
+    assert out["mfu"] == pytest.approx(0.75 * out["hfu"], rel=1e-12)
+    assert out["hardware_tflops_per_device"] == pytest.approx(out["tflops_per_device"] * 4 / 3, rel=1e-12)
 
 
 def test_meter_mfu_is_achieved_tflops_over_the_peak():

@@ -87,8 +87,9 @@ def test_checkpointing_and_zero3_figures(no_measurements):
     plan = make_plan(cfg, 1_000_000, 2, 8, "a100", 0.5, 1)
     hand = _vit_l16_by_hand()
     P = plan["params"]
-    assert plan["train_flops_per_image"] == 2 * plan["macs_per_image"] * 4  # one more forward
-    assert plan["images_per_s"] == pytest.approx(16 * 312e12 * 0.5 / (8 * plan["macs_per_image"]), rel=1e-12)
+    assert plan["train_flops_per_image"] == 2 * plan["macs_per_image"] * 3  # model FLOPs: what MFU counts
+    assert plan["hardware_flops_per_image"] == 2 * plan["macs_per_image"] * 4  # one more forward on the GPUs
+    assert plan["images_per_s"] == pytest.approx(16 * 312e12 * 0.5 / (6 * plan["macs_per_image"]), rel=1e-12)
     assert plan["model_state_bytes"] == pytest.approx(16 * P / 16, rel=1e-12)
     t, d, m = hand["tokens"], hand["width"], hand["mlp"]
     assert plan["activation_bytes"] == 24 * t * 32 * 2 * d + t * 32 * (18 * d + 4 * m)

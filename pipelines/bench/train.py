@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pretrain.engine import (build_engine, compile_blocks, import_deepspeed, init_distributed, param_groups,
                              train_step)
 from pretrain.errors import InputError
-from pretrain.metrics import detect_peak_tflops, train_flops_per_image
+from pretrain.metrics import detect_peak_tflops, model_flops_per_image
 from pretrain.model import ViT, ViTConfig, num_params
 
 GPU_CASES = "B/16:256,L/16:128"  # variant:micro-batch; both fit an 80 GB card in bf16 without recomputation
@@ -260,7 +260,7 @@ def cpu_main(o: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
     vit = ViTConfig.from_variant(o.variant, num_classes=1000, img_size=o.img)
-    flops = train_flops_per_image(vit)
+    flops = model_flops_per_image(vit)
     peak = o.peak_tflops or cpu_matmul_peak_tflops()
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_rank_main, args=(o.ranks, _free_port(), o, results), nprocs=o.ranks, join=True)
@@ -359,7 +359,7 @@ def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str],
     img_s = n * batch / seconds
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     table = list(profile_table(step, device, o.profile)) if o.profile else []
-    return GpuResult("", batch, img_s, img_s * train_flops_per_image(vit) / 1e12, mem, table)
+    return GpuResult("", batch, img_s, img_s * model_flops_per_image(vit) / 1e12, mem, table)
 
 
 def _kind(name: str) -> str:
