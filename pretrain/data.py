@@ -18,10 +18,16 @@ it taken, batches): resuming re-reads at most one shard prefix and one window of
 it skips. The stream is infinite, so every rank yields as many batches as the caller asks for, whatever the
 number of shards (even fewer than ranks x workers): the caller counts steps.
 
+Shards on object storage are streamed (``pretrain.storage.open_stream``): read as the tar is consumed, the
+next shard's first request sent while the current one is read, and after a transient error (connection reset,
+timeout, 5xx, throttling) resumed at the byte where the read broke, a bounded number of times per shard; each
+retry is logged and counted (``read_retries``). The bytes seen are those of an unbroken read, so batches and
+exact resume do not depend on the faults.
+
 Corrupt data never stops a run: an undecodable or missing image is skipped (``skipped_corrupt``), a tar that
-cannot be opened or read to its end (truncated, bad member header) ends that shard (``bad_shards``); both are
-logged as warnings and counted (``TrainLoader.counts()``). Only data with no decodable image for a long run
-raises, since that is a wrong path or format, not a bad sample.
+cannot be opened or read to its end (truncated, bad member header, retries spent) ends that shard
+(``bad_shards``); both are logged as warnings and counted (``TrainLoader.counts()``). Only data with no
+decodable image for a long run raises, since that is a wrong path or format, not a bad sample.
 """
 from __future__ import annotations
 
@@ -34,15 +40,15 @@ import posixpath
 import random
 from collections import Counter
 from itertools import islice
-from typing import IO, Any, Iterator, Optional, Sequence
+from typing import IO, Any, Iterable, Iterator, Optional, Sequence
 
-import fsspec
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pretrain import storage
 from pretrain.augment import EVAL_CROP_RATIO, CorruptImage, EvalTransform, TrainTransform, seeded
 from pretrain.errors import InputError
 
@@ -56,27 +62,18 @@ STATE_VERSION = 1
 # --------------------------------------------------------------------------- shard lists
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _join(base: str, name: str) -> str:
-    return posixpath.join(base, name) if _is_remote(base) else os.path.join(base, name)
-
-
 def _read_manifest(path: str) -> tuple[list[str], dict]:
     try:
-        with fsspec.open(path, "rt") as f:
-            manifest = json.load(f)
+        manifest = storage.read_json(path)
     except FileNotFoundError:
         raise InputError(f"{path}: manifest not found") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:
         raise InputError(f"{path}: not valid JSON: {e}") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not shards or not all(isinstance(s, dict) and "name" in s for s in shards):
         raise InputError(f"{path}: needs a non-empty 'shards' list of {{name, samples, ...}}")
-    base = path.rsplit("/", 1)[0] if _is_remote(path) else os.path.dirname(os.path.abspath(path))
-    return [_join(base, s["name"]) for s in shards], manifest
+    base = storage.parent(path)
+    return [storage.join(base, s["name"]) for s in shards], manifest
 
 
 def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
@@ -92,18 +89,17 @@ def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
     elif "{" in spec or spec.endswith((".tar", ".tar.gz", ".tgz")) or spec.startswith("pipe:"):
         urls, manifest = expand_urls(spec), None
     else:
-        fs, root = fsspec.core.url_to_fs(spec)
-        if fs.exists(posixpath.join(root, "manifest.json")):
-            urls, manifest = _read_manifest(_join(spec, "manifest.json"))
+        fs, root = storage.filesystem(spec)
+        if storage.exists(storage.join(spec, "manifest.json")):
+            urls, manifest = _read_manifest(storage.join(spec, "manifest.json"))
         elif fs.isdir(root):
-            names = sorted(posixpath.basename(p) for p in fs.glob(posixpath.join(root, "*.tar")))
-            urls, manifest = [_join(spec, n) for n in names], None
+            urls, manifest = [storage.join(spec, n) for n in storage.listdir(spec) if n.endswith(".tar")], None
         else:
             raise InputError(f"{spec}: no such shard directory, manifest or pattern")
     if not urls:
         raise InputError(f"{spec}: no shards found")
-    missing = [u for u in urls if not _is_remote(u) and not u.startswith("pipe:")
-               and not os.path.isfile(u.removeprefix("file://"))]
+    missing = [u for u in urls if not storage.is_remote(u) and not u.startswith("pipe:")
+               and not os.path.isfile(storage.local_path(u))]
     if missing:
         raise InputError(f"{spec}: {len(missing)} shard(s) missing, first {missing[0]}")
     return urls, manifest
@@ -125,25 +121,44 @@ def num_classes_of(manifest: Optional[dict]) -> int:
 # --------------------------------------------------------------------------- raw samples
 
 
-def open_url(url: str) -> IO[bytes]:
-    """A local path, ``file://``, ``pipe:CMD`` (webdataset's handler) or any fsspec URL (s3://, gs://, ...)."""
+def open_url(url: str, counts: Counter) -> IO[bytes]:
+    """A local path or ``file://`` (plain ``open``), ``pipe:CMD`` (webdataset's handler) or any fsspec URL
+    (s3://, gs://, ...: streamed and resumed after transient errors, each retry counted in ``read_retries``)."""
     if url.startswith("pipe:"):
         return gopen(url, "rb")
-    if _is_remote(url):
-        return fsspec.open(url, "rb").open()
-    return open(url.removeprefix("file://"), "rb")
+
+    def retried(_: BaseException) -> None:
+        counts["read_retries"] += 1
+
+    return storage.open_stream(url, on_retry=retried)
 
 
-def read_shard(url: str, counts: Counter) -> Iterator[dict]:
+def read_shard(url: str, counts: Counter, stream: Optional[IO[bytes]] = None) -> Iterator[dict]:
     """Raw samples of one tar (``{"__key__", "jpg": bytes, ...}``), nothing decoded. A tar that cannot be
-    opened or read to its end is cut there with a warning and counted in ``counts["bad_shards"]``."""
+    opened or read to its end is cut there with a warning and counted in ``counts["bad_shards"]``.
+    ``stream``: the shard opened already (``opened_ahead``), else it is opened here."""
     try:
-        with open_url(url) as stream:
-            members = ({**m, "__url__": url} for m in tar_file_iterator(stream))
+        with stream if stream is not None else open_url(url, counts) as f:
+            members = ({**m, "__url__": url} for m in tar_file_iterator(f))
             yield from group_by_keys(members)
     except Exception as e:  # noqa: BLE001 - tarfile, gzip, zlib and fsspec each raise their own types
         counts["bad_shards"] += 1
         log.warning("shard %s: read error, rest of the shard skipped (%s: %s)", url, type(e).__name__, e)
+
+
+def opened_ahead(urls: Iterable[str], counts: Counter) -> Iterator[tuple[str, Optional[IO[bytes]]]]:
+    """(url, stream) for each url in turn, the next shard on object storage opened while the caller
+    reads this one: its first request then waits on the store (tens of ms on S3, per shard) in the
+    background. A local shard is opened when read (stream None): a plain open costs nothing."""
+    ahead = ((url, open_url(url, counts) if storage.is_remote(url) else None) for url in urls)
+    upcoming = next(ahead, None)
+    try:
+        while upcoming is not None:
+            current, upcoming = upcoming, next(ahead, None)
+            yield current
+    finally:
+        if upcoming is not None and upcoming[1] is not None:
+            upcoming[1].close()
 
 
 def check_label_key(label_key: str) -> None:
@@ -214,9 +229,10 @@ class _Draws:
 def _raw_stream(urls: Sequence[str], draws: _Draws, draw: int, skip: int, counts: Counter) -> Iterator[tuple]:
     """(draw, raw index in its shard, sample) forever, from raw sample ``skip`` of draw ``draw`` on."""
     empty = 0
-    for k in itertools.count(draw):
-        url, n = urls[draws(k)], 0
-        for i, sample in enumerate(read_shard(url, counts)):
+    shards = opened_ahead((urls[draws(k)] for k in itertools.count(draw)), counts)
+    for k, (url, stream) in zip(itertools.count(draw), shards):
+        n = 0
+        for i, sample in enumerate(read_shard(url, counts, stream)):
             n += 1
             if k == draw and i < skip:
                 continue  # resume: skipped as raw bytes, never decoded
@@ -308,7 +324,7 @@ class _TrainStreams(IterableDataset):
 
 
 def _sum_counts(dicts: Sequence[dict]) -> dict:
-    total: Counter = Counter({"samples": 0, "skipped_corrupt": 0, "bad_shards": 0})
+    total: Counter = Counter({"samples": 0, "skipped_corrupt": 0, "bad_shards": 0, "read_retries": 0})
     for d in dicts:
         total.update(d)
     return dict(total)
@@ -349,7 +365,8 @@ class TrainLoader:
                 "streams": [dict(p) for p in self.positions]}
 
     def counts(self) -> dict:
-        """Cumulative ``samples``, ``skipped_corrupt`` and ``bad_shards`` of this rank's streams (for metrics)."""
+        """Cumulative ``samples``, ``skipped_corrupt``, ``bad_shards`` and ``read_retries`` of this rank's
+        streams (for metrics)."""
         return _sum_counts([self.carried] + [p["counts"] for p in self.positions])
 
     def close(self) -> None:
@@ -439,8 +456,10 @@ class _EvalStreams(IterableDataset):
         g = self.rank * self.streams + (info.id if info else 0)
         counts: Counter = Counter()
         images, labels = [], []
-        for j, first, stop, modulo in _eval_plan(len(self.urls), self.sizes, g, self.world_size * self.streams):
-            for i, sample in enumerate(read_shard(self.urls[j], counts)):
+        plan = _eval_plan(len(self.urls), self.sizes, g, self.world_size * self.streams)
+        shards = opened_ahead((self.urls[j] for j, *_ in plan), counts)
+        for (_, first, stop, modulo), (url, stream) in zip(plan, shards):
+            for i, sample in enumerate(read_shard(url, counts, stream)):
                 if stop is not None and i >= stop:
                     break
                 if i < first or (modulo is not None and i % (self.world_size * self.streams) != modulo):
@@ -479,7 +498,8 @@ class EvalLoader:
                 yield images, labels
 
     def counts(self) -> dict:
-        """``samples``, ``skipped_corrupt``, ``bad_shards`` of this rank in the current or last pass."""
+        """``samples``, ``skipped_corrupt``, ``bad_shards``, ``read_retries`` of this rank in the current or
+        last pass."""
         return _sum_counts(list(self._counts.values()))
 
 

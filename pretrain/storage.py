@@ -14,6 +14,8 @@ MinIO/Ceph/R2, ``GOOGLE_APPLICATION_CREDENTIALS``), never from the config.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -382,7 +384,7 @@ def local_copy(location: str, names: Iterable[str]) -> str:
 READ_RETRIES = 8  # per opened stream: a few resets per object are weather, more is a dead object or link
 RETRY_BACKOFF_S = 0.25  # the first wait; doubled per retry without new bytes in between
 RETRY_BACKOFF_MAX_S = 8.0
-STREAM_BUFFER = 1 << 20  # bytes handed to the reader per call: keeps the per-call overhead out of sight
+STREAM_BUFFER = 1 << 20  # the most one read takes from the event loop's thread: few thread hops per object
 # Throttling and "try again" answers S3-compatible stores give with a 4xx (or any) status.
 RETRYABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException",
                              "RequestLimitExceeded", "RequestTimeout", "RequestTimeoutException",
@@ -394,13 +396,18 @@ _jitter = random.Random()  # private: the loader's seeded generators must not se
 
 
 def open_stream(location: str, on_retry: Optional[Callable[[BaseException], None]] = None) -> IO[bytes]:
-    """A forward-only binary stream of the object at ``location``, read as it is consumed (nothing is
-    downloaded ahead) and resumed at the byte where it broke after a transient error (see above).
-    ``on_retry(error)`` is called for each retry. A local path is a plain ``open``."""
+    """A forward-only binary stream of the object at ``location``, read from the network as it is consumed
+    (no download of the whole object first) and resumed at the byte where it broke after a transient
+    error (see above).
+    ``on_retry(error)`` is called for each retry. A local path is a plain ``open``.
+
+    On ``s3://`` the first request is sent now and answered in the background, so a caller can open
+    the next object while it reads this one and not wait for its first byte; errors (a missing object
+    too) are raised by the first read."""
     if not is_remote(location):
         return open(local_path(location), "rb")
-    opener = _S3Object(location).open_at if str(location).startswith(("s3://", "s3a://")) else _seek_opener(location)
-    return io.BufferedReader(_ResumingReader(str(location), opener, on_retry), STREAM_BUFFER)
+    source = _S3Object(location) if str(location).startswith(("s3://", "s3a://")) else _SeekingObject(location)
+    return io.BufferedReader(_ResumingReader(str(location), source, on_retry), STREAM_BUFFER)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -429,22 +436,20 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 
 
 class _ResumingReader(io.RawIOBase):
-    """Bytes from ``open_at(offset)`` sources: after a transient error the source is reopened at the
-    byte reached, so the consumer sees one unbroken stream."""
+    """The bytes of ``source`` (``open_at(offset)`` -> a file read forward, ``close()``): after a
+    transient error it is reopened at the byte reached, so the consumer sees one unbroken stream."""
 
-    def __init__(self, location: str, open_at: Callable[[int], IO[bytes]],
-                 on_retry: Optional[Callable[[BaseException], None]]):
+    def __init__(self, location: str, source: Any, on_retry: Optional[Callable[[BaseException], None]]):
         super().__init__()
-        self.location, self._open_at, self._on_retry = location, open_at, on_retry
+        self.location, self._source, self._on_retry = location, source, on_retry
         self.offset, self.retries, self._idle_retries = 0, 0, 0
-        self._source: Optional[IO[bytes]] = None
-        self._retrying(lambda: None)  # open now: a missing object fails here, not at the first read
+        self._file: Optional[IO[bytes]] = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._retrying(lambda: self._source.read(len(buffer)))
+        data = self._retrying(lambda: self._file.read(len(buffer)))
         buffer[:len(data)] = data
         self.offset += len(data)
         if data:
@@ -452,17 +457,18 @@ class _ResumingReader(io.RawIOBase):
         return len(data)
 
     def close(self) -> None:
-        self._close_source()
+        self._close_file()
+        self._source.close()
         super().close()
 
-    def _retrying(self, action: Callable[[], Any]) -> Any:
+    def _retrying(self, read: Callable[[], bytes]) -> bytes:
         while True:
             try:
-                if self._source is None:
-                    self._source = self._open_at(self.offset)
-                return action()
+                if self._file is None:
+                    self._file = self._source.open_at(self.offset)
+                return read()
             except Exception as error:  # noqa: BLE001 - classified by is_transient
-                self._close_source()
+                self._close_file()
                 self._before_retry(error)
 
     def _before_retry(self, error: Exception) -> None:
@@ -481,25 +487,44 @@ class _ResumingReader(io.RawIOBase):
             self._on_retry(error)
         time.sleep(wait)
 
-    def _close_source(self) -> None:
-        source, self._source = self._source, None
-        if source is not None:
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
             with contextlib.suppress(Exception):  # a broken connection may fail to close too
-                source.close()
+                file.close()
 
 
 class _S3Object:
-    """Streaming GETs of one object from a given byte on, with a client that does not retry."""
+    """Streaming GETs of one object from a given byte on, with a client that does not retry. The
+    first GET is sent at once (see ``open_stream``)."""
 
     def __init__(self, location: str):
         self.fs, path = fsspec.core.url_to_fs(location, use_listings_cache=False, config_kwargs=NO_CLIENT_RETRIES)
         self.bucket, self.key, self.version = self.fs.split_path(path)
         self.etag: Optional[str] = None
         self.size: Optional[int] = None
+        self._first: Optional[concurrent.futures.Future] = asyncio.run_coroutine_threadsafe(
+            self._get(self._request(0)), self.fs.loop)
 
     def open_at(self, offset: int) -> IO[bytes]:
         if self.size is not None and offset >= self.size:
             return io.BytesIO(b"")  # broke after the last byte: a ranged GET there would be a 416
+        first, self._first = self._first, None
+        if first is not None:
+            response = first.result()
+        else:
+            response = fsspec.asyn.sync(self.fs.loop, self._get, self._request(offset))
+        if self.etag is None:
+            self.etag, self.size = response["ETag"], offset + int(response["ContentLength"])
+        return _AsyncBody(self.fs.loop, response["Body"])
+
+    def close(self) -> None:
+        """Let go of a first response never read (``cancel`` fails only once it has come)."""
+        first, self._first = self._first, None
+        if first is not None and not first.cancel() and first.exception() is None:
+            _AsyncBody(self.fs.loop, first.result()["Body"]).close()
+
+    def _request(self, offset: int) -> dict:
         request = {"Bucket": self.bucket, "Key": self.key}
         if self.version:
             request["VersionId"] = self.version
@@ -507,10 +532,7 @@ class _S3Object:
             request["Range"] = f"bytes={offset}-"
         if self.etag:
             request["IfMatch"] = self.etag
-        response = fsspec.asyn.sync(self.fs.loop, self._get, request)
-        if self.etag is None:
-            self.etag, self.size = response["ETag"], offset + int(response["ContentLength"])
-        return _AsyncBody(self.fs.loop, response["Body"])
+        return request
 
     async def _get(self, request: dict) -> dict:
         await self.fs.set_session()
@@ -528,15 +550,21 @@ class _AsyncBody:
         return fsspec.asyn.sync(self._loop, self._body.read, size)
 
     def close(self) -> None:
-        fsspec.asyn.sync(self._loop, self._body.aclose)
+        # Sent, not awaited: a process that exits with a stream open collects it after the loop's
+        # thread has stopped, and waiting there would hang the exit.
+        asyncio.run_coroutine_threadsafe(self._body.aclose(), self._loop)
 
 
-def _seek_opener(location: str) -> Callable[[int], IO[bytes]]:
-    fs, path = filesystem(location)
+class _SeekingObject:
+    """Any other fsspec object: opened with its library and moved to the byte reached."""
 
-    def open_at(offset: int) -> IO[bytes]:
-        f = fs.open(path, "rb")
+    def __init__(self, location: str):
+        self.fs, self.path = filesystem(location)
+
+    def open_at(self, offset: int) -> IO[bytes]:
+        f = self.fs.open(self.path, "rb")
         f.seek(offset)
         return f
 
-    return open_at
+    def close(self) -> None:
+        pass

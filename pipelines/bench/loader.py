@@ -11,16 +11,31 @@ timed on the same bytes, since the loader's choice between them rests on that.
 
 It ends with what an 8-GPU ViT-B/16 node needs (about 30,000 images/s at 40 % MFU on H100) in cores per
 GPU at the measured per-core rates.
+
+With ``--s3`` the comparison is ours against ours: the same shards read from local disk and streamed from
+object storage, in alternating rounds of one run. ``--s3`` alone puts them on a moto S3 server started
+for the run on a free loopback port (``AWS_ENDPOINT_URL`` points there meanwhile); ``--s3 s3://BUCKET/PREFIX``
+puts them under a new folder there instead (endpoint and credentials from the usual ``AWS_*``), removed
+afterwards. Loopback S3 measures the client's cost of streaming (HTTP, the retry layer, buffering), not
+a network.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,9 +47,12 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from pipelines.config import AugmentConfig
+from pretrain import storage
 from pretrain.data import make_train_loader
+from pretrain.errors import InputError
 
 CLASSES = 10
+LOOPBACK_BUCKET = "vitscale-bench"
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -94,8 +112,7 @@ def _timed(batches, n_batches: int, warmup: int = 2) -> float:
     return images / (time.perf_counter() - start)
 
 
-def ours(root: Path, opts: argparse.Namespace, seed: int) -> float:
-    urls = sorted(str(p) for p in (root / "shards").glob("*.tar"))
+def ours(urls: list[str], opts: argparse.Namespace, seed: int) -> float:
     augment = AugmentConfig()  # inception crop (0.08, 1), flip, mean/std 0.5
     loader = make_train_loader(urls, batch_size=opts.batch, rank=0, world_size=1, seed=seed,
                                img_size=opts.img_size, augment=augment, shuffle_buffer=opts.batch * 4,
@@ -126,6 +143,90 @@ def baseline(root: Path, opts: argparse.Namespace, seed: int) -> float:
     return _timed(forever(), opts.batches)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_s3() -> Iterator[str]:
+    """moto's S3 server from this environment on a free 127.0.0.1 port, with ``AWS_*`` pointing at it
+    (and no profile or S3-specific endpoint overriding that) until the block ends; yields the endpoint."""
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        raise InputError(f"bench loader --s3: no moto_server beside {sys.executable}; install moto[server] "
+                         "(the test extra) or give your own store: --s3 s3://BUCKET/PREFIX")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": None, "AWS_PROFILE": None,
+           "AWS_SESSION_TOKEN": None}
+    saved = {k: os.environ.get(k) for k in env}
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, proc)
+        _set_env(env)
+        yield endpoint
+    finally:
+        _set_env(saved)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
+            time.sleep(0.2)
+
+
+def _set_env(values: dict) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@contextlib.contextmanager
+def shards_on_s3(shards: list[str], prefix: str) -> Iterator[tuple[list[str], str]]:
+    """``shards`` uploaded to a new folder under ``prefix``, or under a loopback S3 server's bucket when
+    ``prefix`` is empty; yields (their URLs, where they are in words). The folder is removed afterwards."""
+    with contextlib.ExitStack() as stack:
+        if prefix:
+            where = f"{prefix} ({os.environ.get('AWS_ENDPOINT_URL', 'AWS')})"
+        else:
+            endpoint = stack.enter_context(loopback_s3())
+            prefix, where = f"s3://{LOOPBACK_BUCKET}", f"moto S3 on {endpoint} (loopback)"
+            fs, _ = storage.filesystem(prefix)
+            fs.mkdir(LOOPBACK_BUCKET)
+        folder = storage.join(prefix, f"bench-loader-{uuid.uuid4().hex[:8]}")
+        urls = [storage.join(folder, storage.basename(p)) for p in shards]
+        storage.upload_many(zip(shards, urls))
+        stack.callback(storage.remove, folder, recursive=True)
+        yield urls, where
+
+
+def measure(runners: dict[str, Callable[..., float]], opts: argparse.Namespace) -> dict[str, float]:
+    """Median images/s per core of each runner, in the runners' order; rounds alternate the order of
+    running so that load from other processes hits all alike."""
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(opts.rounds):
+        for name in (list(runners) if r % 2 == 0 else list(reversed(runners))):
+            rates[name].append(runners[name](opts, seed=r))
+    return {name: statistics.median(values) / max(1, opts.workers) for name, values in rates.items()}
+
+
 def parse(rest: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="vitscale bench loader", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1536, help="distinct images written (default 1536)")
@@ -138,35 +239,48 @@ def parse(rest: list[str]) -> argparse.Namespace:
     ap.add_argument("--node-rate", type=float, default=30000.0, help="images/s one training node consumes")
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--dir", default=None, help="where to write the images (default: a temporary directory)")
-    return ap.parse_args(rest)
+    ap.add_argument("--s3", nargs="?", const="", default=None, metavar="s3://BUCKET/PREFIX",
+                    help="compare the shards on local disk with the same shards streamed from S3: a loopback "
+                         "moto server started for the run, or under PREFIX on the store AWS_* points at")
+    opts = ap.parse_args(rest)
+    if opts.s3 and not opts.s3.startswith("s3://"):
+        ap.error(f"--s3: expected s3://BUCKET/PREFIX, got {opts.s3!r}")
+    return opts
 
 
 def main(args: SimpleNamespace) -> int:
     opts = parse(list(getattr(args, "rest", []) or []))
     torch.set_num_threads(1)  # per core: one thread in this process (loader workers use one each anyway)
-    with tempfile.TemporaryDirectory(dir=opts.dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=opts.dir) as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         images = write_dataset(root, opts.images, opts.short_side)
         pil, tv = decoder_rates(images[:256])
-        rates: dict[str, list[float]] = {"ours": [], "baseline": []}
-        for r in range(opts.rounds):
-            order = ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")
-            for name in order:
-                rates[name].append((ours if name == "ours" else baseline)(root, opts, seed=r))
-    per = max(1, opts.workers)
-    ours_rate, base_rate = (statistics.median(rates[k]) / per for k in ("ours", "baseline"))
+        shards = sorted(str(p) for p in (root / "shards").glob("*.tar"))
+        if opts.s3 is None:
+            runners = {"ours (WebDataset shards)": partial(ours, shards),
+                       "baseline (ImageFolder+DataLoader)": partial(baseline, root)}
+            short, target = ("ours", "the baseline"), 1.5
+        else:
+            s3_urls, where = stack.enter_context(shards_on_s3(shards, opts.s3))
+            runners = {"ours, shards on S3 (streamed)": partial(ours, s3_urls),
+                       "ours, shards on local disk": partial(ours, shards)}
+            short, target = ("shards on S3", "local shards"), 0.9
+        rates = measure(runners, opts)
+    (_, rate_a), (_, rate_b) = rates.items()
     mean_kb = sum(map(len, images)) / len(images) / 1024
     print(f"vitscale bench loader: {opts.images} JPEGs, shorter side {opts.short_side}, {mean_kb:.0f} KiB mean; "
           f"decode + random resized crop {opts.img_size} + flip + normalise, batch {opts.batch}; "
           f"{'in-process, 1 thread' if opts.workers == 0 else f'{opts.workers} loader workers'}; "
           f"median of {opts.rounds} rounds x {opts.batches} batches")
+    if opts.s3 is not None:
+        print(f"object storage: {where}")
     print(f"{'':34s}{'images/s per core':>20s}")
-    print(f"{'ours (WebDataset shards)':34s}{ours_rate:20.0f}")
-    print(f"{'baseline (ImageFolder+DataLoader)':34s}{base_rate:20.0f}")
-    print(f"{'ratio':34s}{ours_rate / base_rate:19.2f}x   (target >= 1.5x)")
+    for name, rate in rates.items():
+        print(f"{name:34s}{rate:20.0f}")
+    print(f"{'ratio':34s}{rate_a / rate_b:19.2f}x   (target >= {target}x)")
     print(f"decode only, per core: Pillow {pil:.0f}/s, torchvision.io.decode_jpeg {tv:.0f}/s "
           f"({tv / pil:.2f}x)")
     need = opts.node_rate / opts.gpus_per_node
     print(f"a {opts.gpus_per_node}-GPU ViT-B/16 node at {opts.node_rate:,.0f} images/s needs {need:,.0f} per GPU: "
-          f"{need / ours_rate:.1f} cores per GPU with ours, {need / base_rate:.1f} with the baseline")
+          f"{need / rate_a:.1f} cores per GPU with {short[0]}, {need / rate_b:.1f} with {short[1]}")
     return 0
