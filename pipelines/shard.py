@@ -29,12 +29,11 @@ from pipelines.tracking import tracker_for
 from pretrain import storage
 from pretrain.errors import InputError
 from pretrain.lease import Lease
+from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
 from pretrain.redact import redact
 from pretrain.tracking import Tracker
 
-FORMAT = "vitscale-shards/1"
-MANIFEST = "manifest.json"
-MARKER = ".vitscale-shards.json"  # written first: whose shards these are (the stage hash)
+MARKER = STAGE_MARKER  # written first: whose shards these are (the stage hash)
 PLAN_DIR = ".plan"
 LOG_EVERY_S = 10.0
 

@@ -51,6 +51,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from pretrain import storage
 from pretrain.augment import EVAL_CROP_RATIO, CorruptImage, EvalTransform, TrainTransform, seeded
 from pretrain.errors import InputError
+from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def _read_manifest(path: str) -> tuple[list[str], dict]:
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON: {e}") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if shards is not None and manifest.get("format", FORMAT) != FORMAT:  # other tools' manifests carry none
+        raise InputError(f"{path}: format {manifest['format']!r}, this loader reads {FORMAT!r}")
     if not shards or not all(isinstance(s, dict) and "name" in s for s in shards):
         raise InputError(f"{path}: needs a non-empty 'shards' list of {{name, samples, ...}}")
     base = storage.parent(path)
@@ -79,7 +82,8 @@ def _read_manifest(path: str) -> tuple[list[str], dict]:
 def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
     """A manifest.json path, a shard directory or a brace pattern -> (shard urls, manifest or None).
 
-    A directory with a ``manifest.json`` uses it; one without lists its ``*.tar`` files. Patterns such as
+    A directory with a ``manifest.json`` uses it; one the shard stage has not finished is refused; any
+    other lists its ``*.tar`` files. Patterns such as
     ``dir/{000000..000009}.tar`` or ``s3://bucket/{000000..041455}.tar`` are expanded as webdataset does.
     Local paths are checked here, so a typo fails before any worker starts.
     """
@@ -90,8 +94,11 @@ def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
         urls, manifest = expand_urls(spec), None
     else:
         fs, root = storage.filesystem(spec)
-        if storage.exists(storage.join(spec, "manifest.json")):
-            urls, manifest = _read_manifest(storage.join(spec, "manifest.json"))
+        if storage.exists(storage.join(spec, MANIFEST)):
+            urls, manifest = _read_manifest(storage.join(spec, MANIFEST))
+        elif storage.exists(storage.join(spec, STAGE_MARKER)):
+            raise InputError(f"{spec}: the shard stage has not finished here (no {MANIFEST} yet), so its shards "
+                             "are incomplete; run `vitscale shard` again to finish them")
         elif fs.isdir(root):
             urls, manifest = [storage.join(spec, n) for n in storage.listdir(spec) if n.endswith(".tar")], None
         else:

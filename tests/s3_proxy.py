@@ -9,7 +9,10 @@ network and store, the same ones on every run:
   spare some requests: bytes still unread by the client when the RST arrives are lost to it, so a
   client whose every response is cut at K bytes may never get a byte further;
 - ``throttle=(PATH, ...)``: a request whose line names one of the paths is answered
-  ``503 SlowDown`` (S3's throttling answer) and never reaches the server.
+  ``503 SlowDown`` (S3's throttling answer) and never reaches the server;
+- ``hold_upload=PATH``: a PUT whose path contains PATH is stopped after its first read from the client
+  (the headers, maybe some body) reached the server: the rest is never forwarded, ``upload_held`` is
+  set, and the upload hangs mid-way until the client goes away (a test kills it there).
 
 A request is recognised by its method at the start of a read from the client: HTTP clients send a
 request without a body (all this proxy is for) in one write. Counters: ``connections``, ``requests``,
@@ -38,11 +41,14 @@ class FaultyProxy:
     """Use as a context manager: listening on ``endpoint`` inside the ``with``."""
 
     def __init__(self, upstream: str, *, cut: Callable[[int], bool] = lambda n: False, cut_after: int = 0,
-                 hold: Optional[threading.Event] = None, throttle: Iterable[str] = ()):
+                 hold: Optional[threading.Event] = None, throttle: Iterable[str] = (),
+                 hold_upload: Optional[str] = None):
         parts = urlsplit(upstream)
         self._upstream = (parts.hostname, parts.port)
         self._cut, self._cut_after, self._hold = cut, cut_after, hold
         self._throttle = [p.encode() for p in throttle]
+        self._hold_upload = hold_upload.encode() if hold_upload else None
+        self.upload_held = threading.Event()
         self.connections = self.requests = self.resets = self.throttled = 0
         self.ranges: list[int] = []
         self._lock, self._stop = threading.Lock(), threading.Event()
@@ -85,8 +91,9 @@ class FaultyProxy:
         while another thread blocks in recv() on it is not released, and sends nothing)."""
         with client, socket.create_connection(self._upstream) as upstream:
             cut, carried = False, 0  # whether the current response is to be cut, and its bytes so far
+            holding = False  # an upload stopped half-way: nothing more is read from the client
             while not self._stop.is_set():
-                readable, _, _ = select.select([client, upstream], [], [], 0.1)
+                readable, _, _ = select.select([upstream] if holding else [client, upstream], [], [], 0.1)
                 if client in readable:
                     data = client.recv(CHUNK)
                     if not data:
@@ -99,7 +106,11 @@ class FaultyProxy:
                             self._count("throttled")
                             client.sendall(SLOW_DOWN)
                             return
+                        holding = (self._hold_upload is not None and data.startswith(b"PUT ")
+                                   and self._hold_upload in data.split(b" ", 2)[1])
                     upstream.sendall(data)
+                    if holding:
+                        self.upload_held.set()
                 if upstream in readable:
                     data = upstream.recv(CHUNK)
                     if not data:

@@ -82,3 +82,58 @@ def test_remote_workdir_without_an_mlflow_server_says_what_to_set(s3_bucket, cap
     err = capsys.readouterr().err
     assert "tracking.uri" in err and "--set tracking.uri=http" in err and "MLFLOW_TRACKING_URI" in err
     assert not _objects(s3_bucket)  # refused before writing anything
+
+
+CHILD = """
+import pickle, sys
+from pipelines.shard_task import write_shard
+ctx, job = pickle.load(open(sys.argv[1], "rb"))
+write_shard(ctx, job)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_shard_task_killed_mid_upload_then_rerun_equals_a_clean_run(ray_local, s3_bucket, tmp_path):
+    """A shard task's process is SIGKILLed while its tar is being uploaded (the PUT held half-sent by a
+    proxy): no object appears, nothing reads the shard, and the rerun's objects equal a clean run's."""
+    import pickle
+    import subprocess
+    import sys
+
+    from pipelines.config import replace
+    from pipelines.images import ImageSettings
+    from pipelines.shard import plan_stage, run_shard_stage, stage_hash
+    from pipelines.shard_task import TaskContext, write_shard
+    from pretrain.data import resolve_shards
+    from s3_proxy import FaultyProxy
+    from servers import S3_ENDPOINT
+    from test_shard import make_folder
+
+    make_folder(tmp_path / "images", per_class=4, size=(300, 200))
+    cfg = replace(load_config(None), **{"workdir": str(tmp_path / "wd"), "shard.source": str(tmp_path / "images"),
+                                        "shard.samples_per_shard": 4, "shard.image_size": 128})
+    clean = run_shard_stage(cfg, out_dir=f"{s3_bucket}/clean")
+
+    out = f"{s3_bucket}/crashed"
+    plan, jobs = plan_stage(cfg, out, stage_hash(cfg))
+    ctx = TaskContext(plan.table, plan.label_names, ImageSettings.from_config(cfg.shard), cfg.shard.download, out)
+    write_shard(ctx, jobs[0])  # one shard done before the crash
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((ctx, jobs[1])))
+    with FaultyProxy(S3_ENDPOINT, hold_upload="/crashed/000001.tar") as proxy:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "job.pkl")],
+                                 env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
+        try:
+            assert proxy.upload_held.wait(120), "the tar's upload never started"
+        finally:
+            child.kill()
+            child.wait()
+    objects = _objects(out)
+    assert {"000000.tar", "000000.stats.json"} <= objects
+    assert not {"000001.tar", "000001.stats.json", "manifest.json"} & objects  # no half object, no marker
+    with pytest.raises(Exception, match="incomplete|manifest"):
+        resolve_shards(out)  # a folder without its manifest is not a dataset yet
+
+    rerun = run_shard_stage(cfg, out_dir=out)
+    assert rerun == clean
+    for shard in clean["shards"]:
+        assert storage.read_bytes(f"{out}/{shard['name']}") == storage.read_bytes(f"{s3_bucket}/clean/{shard['name']}")
