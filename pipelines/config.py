@@ -134,6 +134,9 @@ class PretrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: multi-label (JFT), head bias starts at -10
+    label_smoothing: float = 0.0
+    eval_every: int = 1000  # steps between passes over the shards' held-out validation part (shard.holdout)
     shuffle_buffer: int = 2000
     loader_workers: int = 4
     log_every: int = 50
@@ -369,6 +372,7 @@ def validate(cfg: Config) -> None:
         "pretrain.warmup_steps": (p.warmup_steps, 0),
         "pretrain.loader_workers": (p.loader_workers, 0),
         "pretrain.log_every": (p.log_every, 1),
+        "pretrain.eval_every": (p.eval_every, 1),
         "pretrain.checkpoint_every": (p.checkpoint_every, 1),
         "pretrain.keep_checkpoints": (p.keep_checkpoints, 1),
         "pretrain.max_failures": (p.max_failures, 0),
@@ -384,6 +388,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"shard.quality: must be in 1..100, got {s.quality}")
     if s.samples_per_shard > 1_000_000:  # keys are SSSSSS_IIIIII
         raise ConfigError(f"shard.samples_per_shard: at most 1000000 (6-digit sample keys), got {s.samples_per_shard}")
+    if not 0 <= p.label_smoothing < 1:
+        raise ConfigError(f"pretrain.label_smoothing: must be in [0, 1), got {p.label_smoothing}")
     if s.holdout < 0 or (s.holdout >= 1 and not float(s.holdout).is_integer()):
         raise ConfigError(f"shard.holdout: a fraction in [0, 1) or a whole number of rows, got {s.holdout}")
     if s.max_in_flight is not None and s.max_in_flight < 1:

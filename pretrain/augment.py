@@ -119,8 +119,8 @@ class EvalTransform:
         return F.center_crop(x, self.size)
 
     def batch(self, images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [3, S, S] each -> normalised float [B, 3, S, S], long [B]."""
-        return normalise(images, self.mean, self.std), torch.tensor(labels)
+        """uint8 [3, S, S] each -> normalised float [B, 3, S, S]; labels (ids or multi-hot) as a tensor."""
+        return normalise(images, self.mean, self.std), torch.as_tensor(labels)
 
 
 class TrainTransform:
@@ -164,7 +164,7 @@ class TrainTransform:
     def batch(self, images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [3, S, S] each -> normalised float [B, 3, S, S] and long [B] labels; with mixup/cutmix
         the labels become soft targets, float [B, num_classes]."""
-        x, y = normalise(images, self.mean, self.std), torch.tensor(labels)
+        x, y = normalise(images, self.mean, self.std), torch.as_tensor(labels)
         if self.mix is not None:
             x, y = self.mix(x, y)
         return x, y

@@ -3,13 +3,15 @@ exactly-once evaluation pass.
 
 One training stream per (rank, loader worker), read top to bottom:
 
-    shard draws    with replacement, ``len(urls)`` draws per epoch, seeded by (seed, rank, worker, epoch)
-    raw samples    tar members grouped by key (webdataset ``tar_file_iterator`` + ``group_by_keys``); bytes only
+    shard draws    per epoch one seeded permutation of all shards, split across every stream of every rank:
+                   each shard read exactly once per epoch (at least once with fewer shards than streams)
+    raw samples    tar members grouped by key (``group_by_keys``; a member over 32 MiB skipped unread); bytes only
     shuffle        a shuffle buffer refilled one whole window of ``shuffle_buffer`` raw samples at a time and
                    emitted in an order seeded by (seed, rank, worker, window)
-    label          ``cls``, ``txt`` or ``json:FIELD``; a sample without one is an InputError naming the key
+    label          ``cls``, ``txt`` or ``json:FIELD`` (``json:labels``: a multi-label list, batched multi-hot);
+                   a sample without one, or not a class id, is skipped and counted (``skipped_bad_label``)
     decode/augment ``pretrain.augment.TrainTransform``, torch's generator seeded by (seed, rank, worker, batch)
-    batch          normalise (+ mixup/cutmix) -> (float [B, 3, S, S], long [B] or float [B, C] soft targets)
+    batch          normalise (+ mixup/cutmix) -> (float [B, 3, S, S], long [B] or float [B, C] soft/multi-hot)
 
 Why a windowed shuffle buffer instead of webdataset's sliding one: a sliding buffer's contents depend on the
 whole history of the stream, so an exact resume would have to replay every sample read so far. Here the
@@ -27,7 +29,8 @@ exact resume do not depend on the faults.
 Corrupt data never stops a run: an undecodable or missing image is skipped (``skipped_corrupt``), a tar that
 cannot be opened or read to its end (truncated, bad member header, retries spent) ends that shard
 (``bad_shards``); both are logged as warnings and counted (``TrainLoader.counts()``). Only data with no
-decodable image for a long run raises, since that is a wrong path or format, not a bad sample.
+decodable, labelled image for a long run raises, since that is a wrong path, format or label key, not a
+bad sample.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ import logging
 import os
 import posixpath
 import random
+import re
+import tarfile
 from collections import Counter
 from itertools import islice
 from typing import IO, Any, Iterable, Iterator, Optional, Sequence
@@ -46,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from pretrain import storage
 from pretrain.augment import EVAL_CROP_RATIO, CorruptImage, EvalTransform, TrainTransform, seeded
@@ -56,6 +61,8 @@ from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 32 << 20  # a tar member larger than this is not one of our samples (a 256-px JPEG is ~50 KB)
+SKIP_META = r"__[^/]*__($|/)"  # webdataset's: members such as __META__ are not samples
 MAX_CORRUPT_RUN = 1000  # this many undecodable samples in a row is a wrong path or format, not bad luck
 STATE_VERSION = 1
 
@@ -146,11 +153,26 @@ def read_shard(url: str, counts: Counter, stream: Optional[IO[bytes]] = None) ->
     ``stream``: the shard opened already (``opened_ahead``), else it is opened here."""
     try:
         with stream if stream is not None else open_url(url, counts) as f:
-            members = ({**m, "__url__": url} for m in tar_file_iterator(f))
-            yield from group_by_keys(members)
+            yield from group_by_keys(_tar_members(f, url, counts))
     except Exception as e:  # noqa: BLE001 - tarfile, gzip, zlib and fsspec each raise their own types
         counts["bad_shards"] += 1
         log.warning("shard %s: read error, rest of the shard skipped (%s: %s)", url, type(e).__name__, e)
+
+
+def _tar_members(stream: IO[bytes], url: str, counts: Counter) -> Iterator[dict]:
+    """webdataset's ``tar_file_iterator``, but a member over ``MAX_MEMBER_BYTES`` is skipped unread
+    (counted in ``skipped_oversized``): a 400 MiB member must not be read whole into memory."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or re.match(SKIP_META, info.name):
+                continue
+            if info.size > MAX_MEMBER_BYTES:
+                counts["skipped_oversized"] += 1
+                log.warning("shard %s: member %s of %d MiB skipped (over %d MiB)", url, info.name,
+                            info.size >> 20, MAX_MEMBER_BYTES >> 20)
+                continue
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # streaming: keep no index of what was read
 
 
 def opened_ahead(urls: Iterable[str], counts: Counter) -> Iterator[tuple[str, Optional[IO[bytes]]]]:
@@ -173,33 +195,76 @@ def check_label_key(label_key: str) -> None:
         raise InputError(f"label_key: must be cls, txt or json:FIELD, got {label_key!r}")
 
 
-def label_of(sample: dict, label_key: str) -> int:
-    """The integer class id of a raw sample; a missing or non-integer label is an InputError naming the key."""
-    where = f"{sample.get('__url__')}: sample {sample.get('__key__')!r}"
-    members = sorted(k for k in sample if not k.startswith("__"))
-    if label_key.startswith("json:"):
-        field = label_key[5:]
+class BadLabel(ValueError):
+    """A sample whose label is missing or not a class id: skipped and counted, like a corrupt image."""
+
+
+class LabelReader:
+    """Where a sample's label is (``cls``, ``txt`` or ``json:FIELD``) and what it is: one class id, or
+    with ``multi`` a list of them (``json:labels`` of a multi-label index) that batches as multi-hot
+    float [B, num_classes]."""
+
+    def __init__(self, key: str, multi: bool = False, num_classes: Optional[int] = None):
+        check_label_key(key)
+        if multi and not num_classes:
+            raise InputError("multi-label targets need num_classes (they are multi-hot [B, num_classes])")
+        self.key, self.multi, self.num_classes = key, multi, num_classes
+
+    def of(self, sample: dict) -> "int | list[int]":
+        where = f"{sample.get('__url__')}: sample {sample.get('__key__')!r}"
+        value = self._raw(sample)
+        if value is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            raise BadLabel(f"{where} has no label under label_key {self.key!r} (its members: {', '.join(members)})")
+        if not self.multi:
+            return self._class_id(value, where)
+        ids = [self._class_id(v, where) for v in (value if isinstance(value, list) else [value])]
+        if not ids or max(ids) >= self.num_classes:
+            raise BadLabel(f"{where}: labels {ids} under label_key {self.key!r} are not ids below {self.num_classes}")
+        return ids
+
+    def targets(self, labels: list) -> torch.Tensor:
+        """long [B] class ids, or float [B, num_classes] multi-hot."""
+        if not self.multi:
+            return torch.tensor(labels)
+        out = torch.zeros(len(labels), self.num_classes)
+        for i, ids in enumerate(labels):
+            out[i, ids] = 1.0
+        return out
+
+    def _raw(self, sample: dict) -> Any:
+        if self.key.startswith("json:"):
+            try:
+                return json.loads(sample["json"]).get(self.key[5:]) if "json" in sample else None
+            except (json.JSONDecodeError, AttributeError):
+                return None
+        raw = sample.get(self.key)
+        return raw.decode("utf-8", "replace").strip() if raw is not None else None
+
+    def _class_id(self, value: Any, where: str) -> int:
         try:
-            value = json.loads(sample["json"]).get(field) if "json" in sample else None
-        except (json.JSONDecodeError, AttributeError):
-            value = None
-    else:
-        raw = sample.get(label_key)
-        value = raw.decode("utf-8", "replace").strip() if raw is not None else None
-    if value is None:
-        raise InputError(f"{where} has no label under label_key {label_key!r} (its members: {', '.join(members)}); "
-                         "set pretrain.label_key to cls, txt or json:FIELD")
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            if int(value) < 0:
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise BadLabel(f"{where}: label {value!r} under label_key {self.key!r} is not a class id") from None
+
+
+def label_of(sample: dict, label_key: str) -> int:
+    """The integer class id of a raw sample; ``BadLabel`` when it is missing or not one."""
+    return LabelReader(label_key).of(sample)
+
+
+def _decode(sample: dict, transform: Any, labels: LabelReader, counts: Counter) -> Optional[tuple[torch.Tensor, Any]]:
+    """(uint8 image, label), or None for a sample skipped as corrupt or unlabelled (warned and counted)."""
     try:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: label {value!r} under label_key {label_key!r} is not an integer class id") from None
-
-
-def _decode(sample: dict, transform: Any, label_key: str, counts: Counter) -> Optional[tuple[torch.Tensor, int]]:
-    """(uint8 image, label), or None for a sample skipped as corrupt (warned and counted)."""
-    label = label_of(sample, label_key)
+        label = labels.of(sample)
+    except BadLabel as e:
+        counts["skipped_bad_label"] += 1
+        log.warning("sample skipped: %s", e)
+        return None
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     try:
         if data is None:
@@ -219,17 +284,28 @@ def _seed(*parts: Any) -> int:
 # --------------------------------------------------------------------------- one training stream
 
 
-class _Draws:
-    """Shard indices of one stream: ``n`` draws with replacement per epoch, seeded per epoch."""
+def epoch_shards(n: int, streams: int, g: int, epoch: int, seed: int) -> list[int]:
+    """The shards stream ``g`` of ``streams`` (all ranks' workers together) reads in ``epoch``: its share
+    of one seeded permutation of all ``n`` shards, so each shard is read exactly once per epoch; with
+    fewer shards than streams, each stream reads one and every shard at least once."""
+    order = list(range(n))
+    random.Random(_seed(seed, "shards", epoch)).shuffle(order)
+    return order[g::streams] if n >= streams else [order[g % n]]
 
-    def __init__(self, n: int, *seed_parts: Any):
-        self.n, self.seed_parts, self.epoch, self.order = n, seed_parts, -1, []
+
+class _Draws:
+    """Shard indices of one stream, epoch after epoch (``epoch_shards``); draw ``k`` is deterministic,
+    which is what a resume position records."""
+
+    def __init__(self, n: int, streams: int, g: int, seed: int):
+        self.n, self.streams, self.g, self.seed = n, streams, g, seed
+        self.per_epoch = len(epoch_shards(n, streams, g, 0, seed))  # the same every epoch
+        self.epoch, self.order = -1, []
 
     def __call__(self, k: int) -> int:
-        epoch, i = divmod(k, self.n)
+        epoch, i = divmod(k, self.per_epoch)
         if epoch != self.epoch:
-            rng = random.Random(_seed(*self.seed_parts, epoch))
-            self.epoch, self.order = epoch, [rng.randrange(self.n) for _ in range(self.n)]
+            self.epoch, self.order = epoch, epoch_shards(self.n, self.streams, self.g, epoch, self.seed)
         return self.order[i]
 
 
@@ -287,11 +363,12 @@ class _TrainStreams(IterableDataset):
     """The ``num_streams`` training streams of one rank; DataLoader worker j runs stream (j + rotation) % n."""
 
     def __init__(self, urls: list[str], positions: list[dict], rotation: int, *, seed: int, rank: int,
-                 batch_size: int, shuffle_buffer: int, label_key: str, transform: TrainTransform):
+                 world_size: int, batch_size: int, shuffle_buffer: int, labels: LabelReader,
+                 transform: TrainTransform):
         super().__init__()
         self.urls, self.positions, self.rotation = urls, positions, rotation
-        self.seed, self.rank, self.batch_size = seed, rank, batch_size
-        self.window_size, self.label_key, self.transform = max(1, shuffle_buffer), label_key, transform
+        self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
+        self.window_size, self.labels, self.transform = max(1, shuffle_buffer), labels, transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
@@ -300,7 +377,8 @@ class _TrainStreams(IterableDataset):
     def stream(self, w: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         """Batches of stream ``w`` from its saved position, each with the position after it."""
         pos, counts = self.positions[w], Counter(self.positions[w]["counts"])
-        draws = _Draws(len(self.urls), self.seed, "shards", self.rank, w)
+        streams = len(self.positions)
+        draws = _Draws(len(self.urls), self.world_size * streams, self.rank * streams + w, self.seed)
         window = _Window(lambda draw, skip: _raw_stream(self.urls, draws, draw, skip, counts), pos,
                          self.window_size, (self.seed, "window", self.rank, w))
         batches = pos["batches"]
@@ -314,24 +392,26 @@ class _TrainStreams(IterableDataset):
     def _batch(self, window: _Window, counts: Counter) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, bad = [], [], 0
         while len(images) < self.batch_size:
-            item = _decode(window.next(), self.transform, self.label_key, counts)
+            item = _decode(window.next(), self.transform, self.labels, counts)
             if item is None:
                 bad += 1
                 if bad >= MAX_CORRUPT_RUN:
-                    raise InputError(f"{bad} undecodable samples in a row in {self.urls[0]} ...: not image shards?")
+                    raise InputError(f"{bad} undecodable or unlabelled samples in a row in {self.urls[0]} ...: not "
+                                     f"image shards, or the wrong pretrain.label_key ({self.labels.key!r})?")
                 continue
             bad = 0
             images.append(item[0])
             labels.append(item[1])
         counts["samples"] += len(images)
-        return self.transform.batch(images, labels)
+        return self.transform.batch(images, self.labels.targets(labels))
 
 
 # --------------------------------------------------------------------------- loaders
 
 
 def _sum_counts(dicts: Sequence[dict]) -> dict:
-    total: Counter = Counter({"samples": 0, "skipped_corrupt": 0, "bad_shards": 0, "read_retries": 0})
+    total: Counter = Counter({"samples": 0, "skipped_corrupt": 0, "skipped_bad_label": 0, "skipped_oversized": 0,
+                              "bad_shards": 0, "read_retries": 0})
     for d in dicts:
         total.update(d)
     return dict(total)
@@ -384,11 +464,12 @@ class TrainLoader:
 def make_train_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, seed: int,
                       img_size: int, augment: Any, label_key: str = "cls", shuffle_buffer: int = 1000,
                       num_workers: int = 2, state: Optional[dict] = None, num_classes: Optional[int] = None,
-                      pin_memory: bool = False) -> TrainLoader:
+                      pin_memory: bool = False, multi_label: bool = False) -> TrainLoader:
     """The training loader of one rank: ``max(1, num_workers)`` independent infinite streams.
 
     ``augment`` is duck-typed like ``pipelines.config.AugmentConfig`` (crop, flip, crop_scale, randaugment,
-    mixup, cutmix, mean, std); mixup/cutmix need ``num_classes``. ``state`` is a ``state_dict()`` of an
+    mixup, cutmix, mean, std); mixup/cutmix need ``num_classes``. ``multi_label``: labels are lists of ids
+    (``label_key: json:labels`` of a multi-label index), batched as multi-hot float [B, num_classes]. ``state`` is a ``state_dict()`` of an
     earlier loader: with the same seed, rank, world size, workers, batch size, buffer and shards it continues
     exactly; otherwise (e.g. a world-size change) it starts fresh streams seeded by the batches already
     taken, so the restarted run does not replay the data order it has seen, and says so in a warning.
@@ -399,7 +480,9 @@ def make_train_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_
     if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
         raise InputError(f"make_train_loader: bad rank/world_size/batch_size/num_workers "
                          f"{rank}/{world_size}/{batch_size}/{num_workers}")
-    check_label_key(label_key)
+    labels = LabelReader(label_key, multi_label, num_classes)
+    if multi_label and (augment.mixup > 0 or augment.cutmix > 0):
+        raise InputError("pretrain.augment.mixup / cutmix: not with multi-label targets")
     streams = max(1, num_workers)
     identity = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": streams,
                 "batch_size": batch_size, "shuffle_buffer": shuffle_buffer, "shards": _shards_id(urls)}
@@ -417,8 +500,8 @@ def make_train_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_
             log.warning("loader state for another layout (%s changed): fresh streams, not an exact resume",
                         ", ".join(changed))
     identity["stream_seed"] = stream_seed
-    dataset = _TrainStreams(urls, positions, batches % streams, seed=stream_seed, rank=rank,
-                            batch_size=batch_size, shuffle_buffer=shuffle_buffer, label_key=label_key,
+    dataset = _TrainStreams(urls, positions, batches % streams, seed=stream_seed, rank=rank, world_size=world_size,
+                            batch_size=batch_size, shuffle_buffer=shuffle_buffer, labels=labels,
                             transform=TrainTransform(augment, img_size, num_classes))
     kwargs = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers:
@@ -453,10 +536,10 @@ class _EvalStreams(IterableDataset):
     """The evaluation streams of one rank: DataLoader worker j reads stream rank * workers + j, once."""
 
     def __init__(self, urls: list[str], sizes: Optional[Sequence[int]], *, rank: int, world_size: int,
-                 streams: int, batch_size: int, label_key: str, transform: EvalTransform):
+                 streams: int, batch_size: int, labels: LabelReader, transform: EvalTransform):
         super().__init__()
         self.urls, self.sizes, self.rank, self.world_size, self.streams = urls, sizes, rank, world_size, streams
-        self.batch_size, self.label_key, self.transform = batch_size, label_key, transform
+        self.batch_size, self.labels, self.transform = batch_size, labels, transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
@@ -471,7 +554,7 @@ class _EvalStreams(IterableDataset):
                     break
                 if i < first or (modulo is not None and i % (self.world_size * self.streams) != modulo):
                     continue  # another stream's sample: skipped as raw bytes
-                item = _decode(sample, self.transform, self.label_key, counts)
+                item = _decode(sample, self.transform, self.labels, counts)
                 if item is None:
                     continue
                 images.append(item[0])
@@ -486,7 +569,7 @@ class _EvalStreams(IterableDataset):
 
     def _emit(self, images: list, labels: list, counts: Counter, g: int) -> tuple:
         counts["samples"] += len(images)
-        x, y = self.transform.batch(images, labels)
+        x, y = self.transform.batch(images, self.labels.targets(labels))
         return x, y, {"stream": g, "counts": dict(counts)}
 
 
@@ -513,7 +596,8 @@ class EvalLoader:
 def make_eval_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, img_size: int,
                      label_key: str = "cls", num_workers: int = 1, mean: Sequence[float] = (0.5, 0.5, 0.5),
                      std: Sequence[float] = (0.5, 0.5, 0.5), shard_sizes: Optional[Sequence[int]] = None,
-                     crop_ratio: float = EVAL_CROP_RATIO, pin_memory: bool = False) -> EvalLoader:
+                     crop_ratio: float = EVAL_CROP_RATIO, pin_memory: bool = False, multi_label: bool = False,
+                     num_classes: Optional[int] = None) -> EvalLoader:
     """The evaluation loader of one rank: resize to ``img_size / crop_ratio``, center crop, normalise.
 
     ``shard_sizes`` (the manifest's per-shard ``samples``) lets each stream open only its own slice of
@@ -528,13 +612,13 @@ def make_eval_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_s
                          f"{rank}/{world_size}/{batch_size}/{num_workers}")
     if shard_sizes is not None and len(shard_sizes) != len(urls):
         raise InputError(f"make_eval_loader: {len(shard_sizes)} shard sizes for {len(urls)} shards")
-    check_label_key(label_key)
+    labels = LabelReader(label_key, multi_label, num_classes)
     streams = max(1, num_workers)
     num_samples = None
     if shard_sizes is not None:
         plans = [_eval_plan(len(urls), shard_sizes, rank * streams + j, world_size * streams) for j in range(streams)]
         num_samples = sum(stop - first for plan in plans for _, first, stop, _ in plan)
     dataset = _EvalStreams(urls, shard_sizes, rank=rank, world_size=world_size, streams=streams,
-                           batch_size=batch_size, label_key=label_key,
+                           batch_size=batch_size, labels=labels,
                            transform=EvalTransform(img_size, mean, std, crop_ratio))
     return EvalLoader(dataset, num_samples, {"num_workers": num_workers, "pin_memory": pin_memory})

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pretrain.errors import InputError
+from pretrain.losses import LossFn, make_loss
 from pretrain.model import ViT, ViTConfig
 
 # Parameters named like these keep their value under weight decay (besides every bias and norm).
@@ -185,9 +185,12 @@ class StepResult:
     data_s: float  # seconds this rank waited for the loader
 
 
-def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+               loss_fn: Optional[LossFn] = None) -> StepResult:
     """One optimizer step: ``gradient_accumulation_steps`` micro-batches forward and backward, then
-    DeepSpeed's step (clipping, AdamW, LR schedule). Labels are class ids or soft targets (mixup)."""
+    DeepSpeed's step (clipping, AdamW, LR schedule). Labels are class ids, soft targets (mixup) or
+    multi-hot; ``loss_fn`` defaults to softmax cross-entropy."""
+    loss_fn = loss_fn or make_loss("softmax")
     dtype = input_dtype(engine)
     lr = float(engine.get_lr()[0])  # read before the step: afterwards the scheduler has moved on
     total = torch.zeros((), device=engine.device)
@@ -199,7 +202,7 @@ def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> 
         data_s += time.perf_counter() - t0
         images = images.to(engine.device, dtype, non_blocking=True)
         labels = labels.to(engine.device, non_blocking=True)
-        loss = F.cross_entropy(engine(images).float(), labels)
+        loss = loss_fn(engine(images), labels)
         engine.backward(loss)  # DeepSpeed divides by the accumulation count
         engine.step()  # a no-op except at the accumulation boundary
         total += loss.detach()

@@ -24,7 +24,10 @@ from pretrain.metrics import (Meter, detect_peak_tflops, hardware_flops_per_imag
                               model_flops_per_image)
 from pretrain.model import ViT, num_params
 from pretrain import storage
+from pretrain.errors import InputError
+from pretrain.losses import init_head_for, make_loss
 from pretrain.tracking import Tracker
+from pretrain.validation import HoldoutEval, holdout_shards
 
 EXPORT_MARKER = "pretrain.json"  # beside the export: the step it was taken at
 
@@ -46,9 +49,12 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
     try:
         urls, manifest = resolve_shards(p.shards or storage.join(workdir, "shards"))
         num_classes = p.num_classes or num_classes_of(manifest)
+        multi = _multi_label(manifest, p)
+        loss_fn = make_loss(p.loss, p.label_smoothing)
         vit = vit_config(m, num_classes)
         torch.manual_seed(seed)  # the same initial weights on every rank and under every launcher
         model = ViT(vit)
+        init_head_for(model, p.loss)
         torch.manual_seed(seed + 1 + rank)  # but each rank its own dropout / drop-path draws
         if m.compile:
             compile_blocks(model)
@@ -68,15 +74,19 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
             urls, batch_size=p.micro_batch, rank=rank, world_size=world, seed=seed, img_size=m.img_size,
             augment=p.augment, label_key=p.label_key, shuffle_buffer=p.shuffle_buffer,
             num_workers=p.loader_workers, state=state.get("loader") if state else None,
-            num_classes=num_classes, pin_memory=p.use_gpu)
+            num_classes=num_classes, pin_memory=p.use_gpu, **({"multi_label": True} if multi else {}))
         batches = iter(loader)
+        held = holdout_shards(manifest, urls)
+        validation = HoldoutEval(*held, batch_size=p.micro_batch, rank=rank, world_size=world, img_size=m.img_size,
+                                 label_key=p.label_key, augment=p.augment, num_classes=num_classes,
+                                 multi_label=multi) if held[0] else None
         fewshot = FewshotProbe(p.fewshot, m.img_size, data_root, seed, p.augment) if p.fewshot.datasets else None
         meter = Meter(model_flops_per_image(vit), world, p.peak_tflops or detect_peak_tflops(info.device),
                       hardware_flops_per_image(vit, m.act_checkpoint))
         metrics: dict[str, float] = {}
         losses: list[torch.Tensor] = []
         while step < p.steps:
-            result = train_step(engine, batches)
+            result = train_step(engine, batches, loss_fn)
             step += 1
             losses.append(_mean_over_ranks(result.loss))
             _check_finite(losses[-1], step)
@@ -85,6 +95,9 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
                 metrics = _window_metrics(engine, result.lr, losses, meter, loader, info.device)
                 log.write(step, metrics)
                 losses = []
+            if validation and (step % p.eval_every == 0 or step == p.steps):
+                with meter.excluded():
+                    log.write(step, validation.evaluate(engine, loss_fn))
             if fewshot and (step % p.fewshot.every == 0 or step == p.steps):
                 with meter.excluded():
                     log.write(step, fewshot.evaluate(engine, rank))
@@ -96,6 +109,18 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
                 "export_dir": export_dir, "resumed": state.get("resumed") if state else None}
     finally:
         tracker.close()
+
+
+def _multi_label(manifest: Optional[dict], p: Any) -> bool:
+    """Whether the shards are multi-label (their manifest says so); refuses a loss that cannot train them."""
+    multi = bool(manifest) and manifest.get("label_kind") == "multi"
+    if multi and p.loss == "softmax":
+        raise InputError("pretrain.loss: softmax takes one label per image, but these shards are multi-label "
+                         "(manifest label_kind: multi); set pretrain.loss: sigmoid and pretrain.label_key: json:labels")
+    if multi and p.label_key != "json:labels":
+        raise InputError(f"pretrain.label_key: the shards are multi-label, their labels are under json:labels, "
+                         f"not {p.label_key!r}")
+    return multi
 
 
 def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:

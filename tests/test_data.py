@@ -198,8 +198,8 @@ def test_other_tools_layout_json_label_and_missing_label_error(tmp_path):
     loader = make_eval_loader(urls, batch_size=3, rank=0, world_size=1, img_size=IMG, label_key="json:label")
     assert sorted(y for _, ys in loader for y in ys.tolist()) == labels
     assert len(_take(_train(urls, label_key="json:label"), 3)) == 3
-    with pytest.raises(InputError, match="label_key 'cls'"):
-        _take(_train(urls, label_key="cls", num_workers=1), 1)
+    with pytest.raises(InputError, match=r"unlabelled samples in a row .* the wrong pretrain.label_key \('cls'\)"):
+        _take(_train(urls, label_key="cls", num_workers=0), 1)  # each sample skipped, then a long run stops it
     with pytest.raises(InputError, match="json:FIELD"):
         _train(urls, label_key="label")
 
@@ -225,3 +225,80 @@ def test_draft_decode_gives_the_same_crop_as_a_full_decode(monkeypatch):
     with seeded(7):
         full = transform.sample(buf.getvalue()).float()
     assert (drafted - full).abs().mean() < 2.0
+
+
+def test_a_sample_without_label_or_with_a_non_integer_one_is_skipped_and_counted(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    with wds.TarWriter(str(tmp_path / "000000.tar")) as tw:
+        for i in range(8):
+            sample = {"__key__": f"000000_{i:06d}", "jpg": _jpeg(rng), "cls": str(i % 2).encode()}
+            if i == 2:
+                del sample["cls"]
+            if i == 5:
+                sample["cls"] = b"seven"
+            tw.write(sample)
+    loader = make_eval_loader([str(tmp_path / "000000.tar")], batch_size=4, rank=0, world_size=1, img_size=IMG,
+                              num_workers=0)  # in this process: its warnings reach caplog
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        labels = [y for _, ys in loader for y in ys.tolist()]
+    assert len(labels) == 6 and loader.counts()["skipped_bad_label"] == 2
+    assert "000000_000002" in caplog.text and "'seven'" in caplog.text
+    train = _train([str(tmp_path / "000000.tar")], num_workers=0)
+    _take(train, 6)  # 24 samples: three passes over the shard
+    assert train.counts()["skipped_bad_label"] >= 4 and train.counts()["samples"] == 24
+
+
+def test_multi_label_samples_batch_as_multi_hot(tmp_path):
+    rng = np.random.default_rng(4)
+    lists = [[0, 3], [1], [2, 3, 4], [4]]
+    with wds.TarWriter(str(tmp_path / "000000.tar")) as tw:
+        for i, ids in enumerate(lists):
+            tw.write({"__key__": f"000000_{i:06d}", "jpg": _jpeg(rng), "json": json.dumps({"labels": ids}).encode()})
+    loader = make_eval_loader([str(tmp_path / "000000.tar")], batch_size=4, rank=0, world_size=1, img_size=IMG,
+                              label_key="json:labels", multi_label=True, num_classes=5)
+    (_, y), = list(loader)
+    assert y.dtype == torch.float32 and y.shape == (4, 5)
+    assert [torch.nonzero(row).flatten().tolist() for row in y] == lists
+    train = _train([str(tmp_path / "000000.tar")], num_workers=0, label_key="json:labels", multi_label=True,
+                   num_classes=5)
+    images, targets = next(train)
+    assert targets.shape == (4, 5) and all(torch.nonzero(row).flatten().tolist() in lists for row in targets)
+
+
+def test_an_oversized_tar_member_is_skipped_unread(tmp_path, monkeypatch):
+    from pretrain import data
+
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 64 << 10)  # the cap, made small: the member itself is real
+    rng = np.random.default_rng(5)
+    with wds.TarWriter(str(tmp_path / "000000.tar")) as tw:
+        for i in range(4):
+            jpg = _jpeg(rng) if i != 1 else _jpeg(rng, w=1200, h=1200) + b"\0" * (80 << 10)
+            tw.write({"__key__": f"000000_{i:06d}", "jpg": jpg, "cls": b"0"})
+    loader = make_eval_loader([str(tmp_path / "000000.tar")], batch_size=8, rank=0, world_size=1, img_size=IMG,
+                              num_workers=0)
+    assert sum(len(ys) for _, ys in loader) == 3
+    counts = loader.counts()
+    assert counts["skipped_oversized"] == 1 and counts["skipped_corrupt"] == 1  # its sample has no image left
+
+
+@pytest.mark.parametrize("shards_n", [8, 9, 3])  # more shards than the 4 streams, uneven, and fewer
+def test_every_shard_is_read_once_per_epoch_across_all_ranks_and_workers(shards_n):
+    from pretrain.data import _Draws, epoch_shards
+
+    streams = 2 * 2  # 2 ranks x 2 loader workers
+    for epoch in range(3):
+        read = sorted(s for g in range(streams) for s in epoch_shards(shards_n, streams, g, epoch, seed=7))
+        if shards_n >= streams:
+            assert read == list(range(shards_n))  # exactly once
+        else:
+            assert set(read) == set(range(shards_n)) and len(read) == streams  # at least once
+    assert epoch_shards(9, streams, 0, 0, seed=7) != epoch_shards(9, streams, 0, 1, seed=7)  # reshuffled per epoch
+    draws = _Draws(shards_n, streams, 1, seed=7)  # a stream's draws walk its epochs, forever
+    per_epoch = len(epoch_shards(shards_n, streams, 1, 0, seed=7))
+    assert [draws(k) for k in range(3 * per_epoch)] == [s for e in range(3) for s in epoch_shards(shards_n, streams, 1, e, 7)]
+
+
+def test_two_ranks_of_two_workers_get_equal_batch_counts_from_uneven_shards(shards):
+    urls, _ = shards
+    loaders = [_train(urls, rank=r, world_size=2, num_workers=2) for r in range(2)]
+    assert [len(_take(loader, 9)) for loader in loaders] == [9, 9]  # infinite streams: as many as asked
