@@ -72,8 +72,18 @@ def run_pretrain(cfg: Config, run_id: Optional[str] = None) -> dict:
     from pipelines.cluster import ensure_ray
 
     with Lease(checkpoint_root(cfg), "vitscale pretrain"):
+        check_labels(cfg)  # before Ray and its workers: a wrong loss for the shards is exit 2, not a retried crash
         ensure_ray(cfg.ray)
         return _fit(cfg, run_id)
+
+
+def check_labels(cfg: Config) -> None:
+    """The loss and label key fit the shards (their manifest's ``label_kind``); InputError otherwise."""
+    from pretrain.data import resolve_shards
+    from pretrain.loop import multi_label
+
+    _, manifest = resolve_shards(cfg.pretrain.shards or storage.join(cfg.workdir, "shards"))
+    multi_label(manifest, cfg.pretrain)
 
 
 def checkpoint_root(cfg: Config) -> str:
@@ -121,8 +131,10 @@ def pretrain_complete(cfg: Config) -> bool:
 
 
 def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
-    with Lease(checkpoint_root(cfg), "vitscale pretrain"), stage_run(cfg, "pretrain") as run_id:
-        result = run_pretrain(cfg, run_id=run_id)
+    with Lease(checkpoint_root(cfg), "vitscale pretrain"):
+        check_labels(cfg)  # exit 2 before an MLflow run exists
+        with stage_run(cfg, "pretrain") as run_id:
+            result = run_pretrain(cfg, run_id=run_id)
     loss = result["metrics"].get("loss")
     print(f"[vitscale] pretrain: step {result['step']}, loss {loss if loss is None else round(loss, 4)}, "
           f"export {result['export_dir']}, MLflow run {run_id}", flush=True)

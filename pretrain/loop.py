@@ -49,7 +49,7 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
     try:
         urls, manifest = resolve_shards(p.shards or storage.join(workdir, "shards"))
         num_classes = p.num_classes or num_classes_of(manifest)
-        multi = _multi_label(manifest, p)
+        multi = multi_label(manifest, p)
         loss_fn = make_loss(p.loss, p.label_smoothing)
         vit = vit_config(m, num_classes)
         torch.manual_seed(seed)  # the same initial weights on every rank and under every launcher
@@ -111,7 +111,7 @@ def train(m: Any, p: Any, *, workdir: str, seed: int, run_id: Optional[str] = No
         tracker.close()
 
 
-def _multi_label(manifest: Optional[dict], p: Any) -> bool:
+def multi_label(manifest: Optional[dict], p: Any) -> bool:
     """Whether the shards are multi-label (their manifest says so); refuses a loss that cannot train them."""
     multi = bool(manifest) and manifest.get("label_kind") == "multi"
     if multi and p.loss == "softmax":
