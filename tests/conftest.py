@@ -4,12 +4,8 @@ S3 server (moto's, a real HTTP S3 API on 127.0.0.1) reached only through the sta
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -23,20 +19,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server on ``S3_ENDPOINT``, one for the whole test run; yields the endpoint."""
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    exe = Path(sys.executable).with_name("moto_server")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=out, stderr=out)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+    from pipelines.bench.moto import start_moto
+
+    with open(tmp_path_factory.mktemp("s3") / "moto.log", "wb") as log:
+        proc = start_moto(S3_PORT, log)
     yield S3_ENDPOINT
     proc.terminate()
     try:

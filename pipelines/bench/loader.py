@@ -28,7 +28,6 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -46,6 +45,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from pipelines.bench.moto import start_moto
 from pipelines.config import AugmentConfig
 from pretrain import storage
 from pretrain.data import make_train_loader
@@ -153,20 +153,17 @@ def _free_port() -> int:
 def loopback_s3() -> Iterator[str]:
     """moto's S3 server from this environment on a free 127.0.0.1 port, with ``AWS_*`` pointing at it
     (and no profile or S3-specific endpoint overriding that) until the block ends; yields the endpoint."""
-    exe = Path(sys.executable).with_name("moto_server")
-    if not exe.exists():
-        raise InputError(f"bench loader --s3: no moto_server beside {sys.executable}; install moto[server] "
-                         "(the test extra) or give your own store: --s3 s3://BUCKET/PREFIX")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": None, "AWS_PROFILE": None,
            "AWS_SESSION_TOKEN": None}
     saved = {k: os.environ.get(k) for k in env}
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_listening(port, proc)
+        proc = start_moto(port)
+    except InputError as e:
+        raise InputError(f"bench loader --s3: {e}, or give your own store: --s3 s3://BUCKET/PREFIX") from None
+    try:
         _set_env(env)
         yield endpoint
     finally:
@@ -176,18 +173,6 @@ def loopback_s3() -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start on port {port}") from None
-            time.sleep(0.2)
 
 
 def _set_env(values: dict) -> None:
