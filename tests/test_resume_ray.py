@@ -65,8 +65,8 @@ def _worker_paused_once(spec: dict) -> dict:
     pid_file = Path(spec["config"]["workdir"]) / "victim.pid"
     real_step = loop.train_step
 
-    def train_step(engine, batches):
-        result = real_step(engine, batches)
+    def train_step(engine, batches, loss_fn=None):
+        result = real_step(engine, batches, loss_fn)
         if engine.global_steps == KILL_AT and engine.global_rank == 1 and not pid_file.exists():
             pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
             pid_file.with_suffix(".tmp").rename(pid_file)

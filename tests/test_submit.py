@@ -5,6 +5,7 @@ show that a client without the right token is turned away with exit code 2.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -33,9 +34,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all bound at once, so the OS cannot hand out one of them twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -86,16 +94,16 @@ def ray_head():
     # Short, unique temp dir: Ray's unix socket paths must stay under ~107 characters, and its own
     # ray_current_cluster file lands here, so no other session's ray.init() finds this head.
     temp_dir = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    dash = _free_port()
+    dash, gcs, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "2",
-           "--temp-dir", str(temp_dir), "--port", str(_free_port()),
+           "--temp-dir", str(temp_dir), "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-           "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
-           "--metrics-export-port", str(_free_port())]
+           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+           "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+           "--metrics-export-port", str(metrics)]
     log = open(temp_dir / "head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
