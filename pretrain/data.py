@@ -20,7 +20,7 @@ it taken, batches): resuming re-reads at most one shard prefix and one window of
 it skips. The stream is infinite, so every rank yields as many batches as the caller asks for, whatever the
 number of shards (even fewer than ranks x workers): the caller counts steps.
 
-Shards on object storage are streamed (``pretrain.storage.open_stream``): read as the tar is consumed, the
+Shards on object storage are streamed (``pretrain.object_stream.open_stream``): read as the tar is consumed, the
 next shard's first request sent while the current one is read, and after a transient error (connection reset,
 timeout, 5xx, throttling) resumed at the byte where the read broke, a bounded number of times per shard; each
 retry is logged and counted (``read_retries``). The bytes seen are those of an unbroken read, so batches and
@@ -56,6 +56,7 @@ from webdataset.tariterators import group_by_keys
 from pretrain import storage
 from pretrain.augment import EVAL_CROP_RATIO, CorruptImage, EvalTransform, TrainTransform, seeded
 from pretrain.errors import InputError
+from pretrain.object_stream import open_stream
 from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def open_url(url: str, counts: Counter) -> IO[bytes]:
     def retried(_: BaseException) -> None:
         counts["read_retries"] += 1
 
-    return storage.open_stream(url, on_retry=retried)
+    return open_stream(url, on_retry=retried)
 
 
 def read_shard(url: str, counts: Counter, stream: Optional[IO[bytes]] = None) -> Iterator[dict]:

@@ -14,7 +14,7 @@ import pytest
 import s3fs
 import torch
 
-from pretrain import storage
+from pretrain import object_stream, storage
 from pretrain.data import make_eval_loader, resolve_shards
 from s3_proxy import FaultyProxy
 from test_data import IMG, SIZES, _take, _train, _write_shards
@@ -36,7 +36,7 @@ def shards(s3_bucket: str, tmp_path: Path) -> tuple[list[str], list[str]]:
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.001)
+    monkeypatch.setattr(object_stream, "RETRY_BACKOFF_S", 0.001)
 
 
 @contextlib.contextmanager
@@ -62,14 +62,14 @@ def test_stream_resumes_at_the_byte_where_the_connection_broke(shards, s3_server
     with FaultyProxy(s3_server, cut=lambda n: n == 1, cut_after=16 * 1024, hold=release) as proxy, \
             through(proxy.endpoint), caplog.at_level(logging.WARNING, logger="pretrain.storage"):
         retries = []
-        with storage.open_stream(urls[1], on_retry=retries.append) as stream:
+        with object_stream.open_stream(urls[1], on_retry=retries.append) as stream:
             head = stream.read(1000)  # bytes of the first response, taken before it breaks
             release.set()
             data = head + stream.read()
     assert data == Path(local[1]).read_bytes()
     assert proxy.resets == 1 and len(retries) == 1 and proxy.requests == 2
     assert len(proxy.ranges) == 1 and 1000 <= proxy.ranges[0] < 16 * 1024  # resumed, not read again
-    assert f"at byte {proxy.ranges[0]}, retry 1/{storage.READ_RETRIES}" in caplog.text
+    assert f"at byte {proxy.ranges[0]}, retry 1/{object_stream.READ_RETRIES}" in caplog.text
 
 
 def test_resets_are_resumed_counted_and_leave_the_batches_unchanged(shards, s3_server):
@@ -101,7 +101,7 @@ def test_eval_pass_through_resets_sees_every_sample_once(shards, s3_server, capl
 
 def test_shard_that_keeps_failing_is_skipped_and_counted_and_the_stream_goes_on(shards, s3_server, monkeypatch,
                                                                                 caplog):
-    monkeypatch.setattr(storage, "READ_RETRIES", 3)
+    monkeypatch.setattr(object_stream, "READ_RETRIES", 3)
     urls, _ = shards
     missing = storage.join(storage.parent(urls[0]), "missing.tar")  # not transient: no retries
     doomed = "/".join(urls[1].split("/")[-3:])  # bucket/shards/000001.tar, as in the request line
