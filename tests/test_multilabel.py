@@ -1,7 +1,8 @@
 """Multi-label pretraining end to end, JFT-style: a jsonl index whose label cells are lists, sharded
 with a held-out part, trained with the sigmoid loss on 2 Ray Train workers (real DeepSpeed ZeRO 2):
 the loss falls and precision@1 on the held-out shards reaches MLflow; a softmax run on the same
-shards is refused with exit 2, naming pretrain.loss."""
+shards is refused with exit 2, naming pretrain.loss. With activation checkpointing, the logged MFU
+is 3/4 of the logged HFU at every step."""
 from __future__ import annotations
 
 import json
@@ -43,7 +44,8 @@ def test_sigmoid_pretraining_on_label_lists_logs_precision_at_1(ray_local, tmp_p
             "pretrain.micro_batch=8", f"pretrain.steps={STEPS}", "pretrain.lr=3e-2", "pretrain.warmup_steps=1",
             "pretrain.log_every=1", f"pretrain.eval_every={STEPS // 2}", "pretrain.loader_workers=0",
             "pretrain.checkpoint_every=1000", "pretrain.max_failures=0", "pretrain.shuffle_buffer=24",
-            "pretrain.augment.crop=center", "pretrain.augment.flip=false"]
+            "pretrain.augment.crop=center", "pretrain.augment.flip=false",
+            "model.act_checkpoint=true", "pretrain.peak_tflops=1.0"]  # a peak: MFU and HFU are logged on the CPU
     cfg = load_config("local", [*base, f"shard.source={_two_colour_index(tmp_path / 'images')}"])
     manifest = run_shard_stage(cfg)
     assert manifest["label_kind"] == "multi" and manifest["num_classes"] == 4 and len(manifest["holdout"]) == 1
@@ -59,6 +61,8 @@ def test_sigmoid_pretraining_on_label_lists_logs_precision_at_1(ray_local, tmp_p
     evals = [r for r in records if "val_prec1" in r]
     assert [r["step"] for r in evals] == [STEPS // 2, STEPS] and all(r["val_samples"] == 24 for r in evals)
     assert evals[-1]["val_prec1"] >= 0.5  # the top class is one of the image's two colours
+    steps = [r for r in records if "mfu" in r]
+    assert len(steps) == STEPS and all(r["mfu"] == pytest.approx(0.75 * r["hfu"], rel=1e-9) for r in steps)
     client = mlflow.MlflowClient(tracking_uri(cfg.tracking, cfg.workdir))
     (run,) = [r for r in client.search_runs([client.get_experiment_by_name("multi").experiment_id])
               if r.info.status == "FINISHED"]
