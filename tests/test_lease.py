@@ -131,3 +131,35 @@ def test_second_vitscale_shard_and_pretrain_exit_2_naming_the_holder(ray_local, 
         assert f"pid {holder.pid}" in capsys.readouterr().err
     finally:
         _kill(holder)
+
+
+@pytest.mark.timeout(300)
+def test_two_pretraining_jobs_on_one_checkpoint_root(tmp_path, capsys):
+    """A real job (torchrun, 2 ranks: rank 0 holds the lease) is training; `vitscale pretrain` on the same
+    workdir exits 2 naming it. Once the job is SIGKILLed, the next job takes the lease over and trains."""
+    import psutil
+
+    from test_train_job import start_torchrun, train_config, write_shards
+
+    shards = write_shards(tmp_path / "shards")
+    long_job = train_config(tmp_path / "wd", shards, steps=2000, log_every=100)
+    lease = tmp_path / "wd" / "checkpoints" / LEASE
+    first = start_torchrun(long_job, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 120
+        while not lease.exists():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        holder = json.loads(lease.read_text())
+        assert holder["what"] == "pretrain.launch"
+        assert cli(["pretrain", "local", "--set", f"workdir={tmp_path / 'wd'}", "--set", f"pretrain.shards={shards}"]) == 2
+        assert f"in use by pretrain.launch on host {socket.gethostname()} pid {holder['pid']}" in capsys.readouterr().err
+    finally:
+        for proc in [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]:
+            proc.kill()  # the launcher and its ranks, as a node failure would
+        first.wait()
+    second = start_torchrun(train_config(tmp_path / "wd", shards, steps=2), tmp_path / "second.log")
+    assert second.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    assert f"taking over the lease of pretrain.launch on host {socket.gethostname()} pid {holder['pid']}" in log
+    assert not lease.exists()  # released at the end
