@@ -34,13 +34,18 @@ class LeaseHeld(InputError):
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs; a zombie (killed, not yet reaped) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): signal 0 reached it
+        return True
 
 
 def describe(holder: dict, now: Optional[float] = None) -> str:
