@@ -33,7 +33,6 @@ from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
 from pretrain.redact import redact
 from pretrain.tracking import Tracker
 
-MARKER = STAGE_MARKER  # written first: whose shards these are (the stage hash)
 PLAN_DIR = ".plan"
 LOG_EVERY_S = 10.0
 
@@ -86,8 +85,11 @@ def stage_hash(cfg: Config) -> str:
 def shards_complete(cfg: Config, out_dir: Optional[str] = None) -> bool:
     """True when the manifest exists, matches this config's source and settings, and its shards are there."""
     out = shard_dir(cfg, out_dir)
-    manifest = storage.read_json_or_none(storage.join(out, MANIFEST))
-    if not manifest or manifest.get("hash") != stage_hash(cfg):
+    return _complete(out, storage.read_json_or_none(storage.join(out, MANIFEST)), stage_hash(cfg))
+
+
+def _complete(out: str, manifest: Optional[dict], digest: str) -> bool:
+    if not manifest or manifest.get("hash") != digest:
         return False
     present = set(storage.listdir(out))  # one listing, not a request per shard
     return all(s["name"] in present for s in manifest["shards"])
@@ -103,7 +105,7 @@ def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional
     storage.makedirs(out)
     digest = stage_hash(cfg)
     manifest = storage.read_json_or_none(storage.join(out, MANIFEST))
-    if manifest and manifest.get("hash") == digest and shards_complete(cfg, out):
+    if _complete(out, manifest, digest):  # the hash walks a folder source's listing: computed once
         _say(f"shard: {out} is complete ({manifest['totals']['ok']} images in "
              f"{manifest['totals']['shards']} shards); nothing to do")
         return manifest
@@ -158,7 +160,7 @@ def _claim(out: str, digest: str) -> None:
     """Mark ``out`` as holding this run's shards; shards made from another source or other settings
     (an earlier marker with another hash) are removed first, since their stats would read as done."""
     storage.makedirs(out)
-    marker = storage.join(out, MARKER)
+    marker = storage.join(out, STAGE_MARKER)  # written first: whose shards these are (the stage hash)
     previous = storage.read_json_or_none(marker)
     names = storage.listdir(out)
     if previous and previous.get("hash") != digest:

@@ -73,8 +73,7 @@ def client_for(cfg: Config):
 
 def tracker_for(cfg: Config, run_id: Optional[str]) -> Tracker:
     """The stage driver's queued, outage-tolerant logger for run ``run_id`` (a no-op without one)."""
-    bound_mlflow_http()
-    return Tracker(tracking_uri(cfg.tracking, cfg.workdir) if run_id else None, run_id)
+    return Tracker(tracking_uri(cfg.tracking, cfg.workdir) if run_id else None, run_id, bound_http=True)
 
 
 @contextlib.contextmanager

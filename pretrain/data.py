@@ -253,11 +253,6 @@ class LabelReader:
             raise BadLabel(f"{where}: label {value!r} under label_key {self.key!r} is not a class id") from None
 
 
-def label_of(sample: dict, label_key: str) -> int:
-    """The integer class id of a raw sample; ``BadLabel`` when it is missing or not one."""
-    return LabelReader(label_key).of(sample)
-
-
 def _decode(sample: dict, transform: Any, labels: LabelReader, counts: Counter) -> Optional[tuple[torch.Tensor, Any]]:
     """(uint8 image, label), or None for a sample skipped as corrupt or unlabelled (warned and counted)."""
     try:

@@ -21,7 +21,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from typing import IO, Any, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -115,11 +115,6 @@ def makedirs(location: str) -> None:
         os.makedirs(local_path(location), exist_ok=True)
 
 
-def size(location: str) -> int:
-    fs, path = filesystem(location)
-    return int(fs.size(path))
-
-
 def identity(location: str) -> list:
     """What changes when the file is rewritten: size and mtime locally, size and ETag (or the
     store's equivalent) on object storage."""
@@ -133,13 +128,6 @@ def identity(location: str) -> list:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def open_file(location: str, mode: str = "rb") -> IO:
-    """An open file object (close it, or use ``with``). Local paths are opened with ``open``."""
-    if not is_remote(location):
-        return open(local_path(location), mode)
-    return fsspec.open(str(location), mode).open()
 
 
 def read_bytes(location: str) -> bytes:
@@ -275,15 +263,10 @@ def publish_file(local_file: str, location: str) -> None:
 
 
 def upload_many(pairs: Iterable[tuple[str, str]]) -> None:
-    """Upload (local file, remote location) pairs concurrently (each object whole or not at all);
-    local targets are copied. Order of completion is not defined: write commit markers afterwards."""
+    """Upload (local file, object-storage location) pairs concurrently, each object whole or not at all.
+    Order of completion is not defined: write commit markers afterwards."""
     pairs = list(pairs)
     if not pairs:
-        return
-    if not is_remote(pairs[0][1]):
-        for src, dst in pairs:
-            os.makedirs(os.path.dirname(local_path(dst)), exist_ok=True)
-            shutil.copyfile(src, local_path(dst))
         return
     fs, _ = filesystem(pairs[0][1])
     # Async filesystems (s3fs, gcsfs) run a list of puts concurrently; the others loop.

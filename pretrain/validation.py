@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import storage
+from pretrain.engine import input_dtype
 from pretrain.losses import LossFn, correct_at_1
 
 
@@ -40,7 +41,7 @@ class HoldoutEval:
 
         The ranks run forwards in lockstep (ZeRO-3 gathers weights collectively in each forward): a rank
         out of batches runs a throwaway one-image forward while others still have some."""
-        device = engine.device
+        device, dtype = engine.device, input_dtype(engine)
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss x n, correct, n
         batches = iter(self.loader)
         engine.eval()
@@ -52,9 +53,9 @@ class HoldoutEval:
                 if not more.item():
                     break
                 if batch is None:
-                    engine(torch.zeros(1, 3, self.img_size, self.img_size, device=device, dtype=_dtype(engine)))
+                    engine(torch.zeros(1, 3, self.img_size, self.img_size, device=device, dtype=dtype))
                     continue
-                images, labels = batch[0].to(device, _dtype(engine)), batch[1].to(device)
+                images, labels = batch[0].to(device, dtype), batch[1].to(device)
                 logits = engine(images).float()
                 n = images.shape[0]
                 sums += torch.stack([loss_fn(logits, labels).double() * n, correct_at_1(logits, labels).sum().double(),
@@ -65,9 +66,3 @@ class HoldoutEval:
         loss_n, correct, n = sums.tolist()
         name = "val_prec1" if self.multi else "val_top1"
         return {"val_loss": loss_n / max(n, 1), name: correct / max(n, 1), "val_samples": n}
-
-
-def _dtype(engine) -> torch.dtype:
-    from pretrain.engine import input_dtype
-
-    return input_dtype(engine)

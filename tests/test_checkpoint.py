@@ -125,7 +125,7 @@ def runs(tmp_path_factory, s3_server):
 
 
 def test_killed_while_writing_resumes_from_previous_complete(runs):
-    root, base = runs["root"], runs["base"]
+    base = runs["base"]
     assert runs["kill"].returncode != 0  # the SIGKILL took the job down
     # The half-written step 8 exists only under the staging name; keep=2 removed step 2.
     assert runs["after_kill"]["dirs"] == [".partial", "latest", step_name(4), step_name(6)]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main as cli
-from pipelines.config import load_config, replace
+from pipelines.config import load_config
 from pipelines.shard import run_shard_stage
 from pipelines.tracking import tracking_uri
 from test_train_job import COLOURS, logged
