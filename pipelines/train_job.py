@@ -2,8 +2,8 @@
 
 The driver resolves the config (absolute workdir, MLflow URI), logs it to the run (params + the file
 as an artifact), and starts a ``TorchTrainer`` whose workers each call ``pretrain.launch.run_job``
-with that dict: the same entry ``torchrun``/``deepspeed`` users reach through
-``python -m pretrain.launch --config FILE``. Rank 0 logs metrics to the run by id.
+with the typed ``TrainJob`` of that config: the same entry ``torchrun``/``deepspeed`` users reach
+through ``python -m pretrain.launch --config FILE``. Rank 0 logs metrics to the run by id.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import yaml
 from pipelines.config import Config, ConfigError, flatten, load_config, to_dict
 from pipelines.tracking import stage_run, tracker_for, tracking_uri
 from pretrain import storage
+from pretrain.launch import job_from_resolved
 from pretrain.lease import Lease
 from pretrain.loop import EXPORT_MARKER
 from pretrain.redact import redact
@@ -27,7 +28,7 @@ def resolved_config(cfg: Config) -> dict:
     """The whole config as a dict with local paths made absolute (Ray workers may run elsewhere) and
     credentials stripped from every URI. The same dict is written to the workdir, logged as an
     artifact and handed to the workers, so it must hold no secret; the workers need none from it:
-    they get the real MLflow URI as ``spec["tracking_uri"]`` (or ``$MLFLOW_TRACKING_URI``) and
+    they get the real MLflow URI as ``loop_config["tracking_uri"]`` (or ``$MLFLOW_TRACKING_URI``) and
     storage credentials from ``AWS_*``."""
     data = to_dict(cfg)
     data["workdir"] = storage.absolute(cfg.workdir)
@@ -50,14 +51,14 @@ def write_resolved_config(cfg: Config, path: Optional[str] = None) -> str:
     return path
 
 
-def _train_worker(spec: dict) -> dict:
+def _train_worker(loop_config: dict) -> dict:
     """Runs in each Ray Train worker (process group already up): train, then say where each rank ran."""
     import ray
     import torch.distributed as dist
 
     from pretrain.launch import run_job
 
-    result = run_job(spec)
+    result = run_job(loop_config["job"], loop_config["run_id"], loop_config["tracking_uri"])
     nodes: list = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     return {**result, "nodes": nodes}
@@ -97,19 +98,20 @@ def _fit(cfg: Config, run_id: Optional[str]) -> dict:
     from pretrain.checkpoint import describe_resume
 
     p = cfg.pretrain
-    config_path = write_resolved_config(cfg)
+    resolved = resolved_config(cfg)
+    write_resolved_config(cfg)
     uri = tracking_uri(cfg.tracking, cfg.workdir) if run_id else None
-    spec = {"config": resolved_config(cfg), "source": config_path, "run_id": run_id, "tracking_uri": uri}
+    loop_config = {"job": job_from_resolved(resolved), "run_id": run_id, "tracking_uri": uri}
     driver = tracker_for(cfg, run_id)  # tolerant: an unreachable server must not stop the job
     driver.log_params(flatten(cfg))
-    driver.log_text(yaml.safe_dump(spec["config"], sort_keys=False), RESOLVED_CONFIG)
+    driver.log_text(yaml.safe_dump(resolved, sort_keys=False), RESOLVED_CONFIG)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config=spec,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
                                      resources_per_worker={"CPU": p.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{cfg.name}-pretrain", storage_path=storage.join(spec["config"]["workdir"], "ray_results"),
+        run_config=RunConfig(name=f"{cfg.name}-pretrain", storage_path=storage.join(resolved["workdir"], "ray_results"),
                              failure_config=FailureConfig(max_failures=p.max_failures)),
     )
     try:

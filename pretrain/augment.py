@@ -1,7 +1,7 @@
-"""Decode and augment one sample, normalise and mix one batch (torchvision.transforms.v2).
+"""Decode and augment one sample, normalize and mix one batch (torchvision.transforms.v2).
 
 Training: Inception crop (``v2.RandomResizedCrop`` with ``augment.crop_scale``), horizontal flip, optional
-RandAugment; per batch: scale to float, normalise with ``augment.mean`` / ``augment.std``, optional
+RandAugment; per batch: scale to float, normalize with ``augment.mean`` / ``augment.std``, optional
 mixup / cutmix. Evaluation: resize the shorter side to ``img_size / crop_ratio``, center crop.
 
 Decoding: the crop box is drawn from the JPEG header (``PIL.Image.open`` reads no pixels), so a JPEG much
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from pretrain.config import AugmentConfig
 from pretrain.errors import InputError
 
 EVAL_CROP_RATIO = 0.875  # resize to img_size / 0.875 (256 for 224), then center crop: the usual eval protocol
@@ -81,7 +82,7 @@ def decode(data: bytes, im: Image.Image, factor: int = 1) -> torch.Tensor:
         raise CorruptImage(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
-def normalise(images: list[torch.Tensor], mean: list[float], std: list[float]) -> torch.Tensor:
+def normalize_batch(images: list[torch.Tensor], mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 [3, S, S] each -> float [B, 3, S, S] = (x / 255 - mean) / std.
 
     One image at a time while it is in cache instead of four passes over the whole 38 MB batch
@@ -103,7 +104,7 @@ def normalise(images: list[torch.Tensor], mean: list[float], std: list[float]) -
 
 
 class EvalTransform:
-    """bytes -> uint8 [3, S, S]: shorter side to ``S / crop_ratio``, center crop S; then normalise a batch."""
+    """bytes -> uint8 [3, S, S]: shorter side to ``S / crop_ratio``, center crop S; then normalize a batch."""
 
     def __init__(self, img_size: int, mean, std, crop_ratio: float = EVAL_CROP_RATIO):
         self.size = [img_size, img_size]
@@ -119,14 +120,14 @@ class EvalTransform:
         return F.center_crop(x, self.size)
 
     def batch(self, images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [3, S, S] each -> normalised float [B, 3, S, S]; labels (ids or multi-hot) as a tensor."""
-        return normalise(images, self.mean, self.std), torch.as_tensor(labels)
+        """uint8 [3, S, S] each -> normalized float [B, 3, S, S]; labels (ids or multi-hot) as a tensor."""
+        return normalize_batch(images, self.mean, self.std), torch.as_tensor(labels)
 
 
 class TrainTransform:
-    """Per sample: bytes -> uint8 [3, S, S]; per batch: uint8 [B, 3, S, S] -> normalised float (+ mixup)."""
+    """Per sample: bytes -> uint8 [3, S, S]; per batch: uint8 [B, 3, S, S] -> normalized float (+ mixup)."""
 
-    def __init__(self, augment: Any, img_size: int, num_classes: Optional[int] = None):
+    def __init__(self, augment: AugmentConfig, img_size: int, num_classes: Optional[int] = None):
         self.size = [img_size, img_size]
         self.inception = augment.crop == "inception"
         self.crop = v2.RandomResizedCrop(img_size, scale=tuple(augment.crop_scale), antialias=True)
@@ -162,9 +163,9 @@ class TrainTransform:
         return x
 
     def batch(self, images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [3, S, S] each -> normalised float [B, 3, S, S] and long [B] labels; with mixup/cutmix
+        """uint8 [3, S, S] each -> normalized float [B, 3, S, S] and long [B] labels; with mixup/cutmix
         the labels become soft targets, float [B, num_classes]."""
-        x, y = normalise(images, self.mean, self.std), torch.as_tensor(labels)
+        x, y = normalize_batch(images, self.mean, self.std), torch.as_tensor(labels)
         if self.mix is not None:
             x, y = self.mix(x, y)
         return x, y

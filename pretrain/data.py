@@ -11,7 +11,7 @@ One training stream per (rank, loader worker), read top to bottom:
     label          ``cls``, ``txt`` or ``json:FIELD`` (``json:labels``: a multi-label list, batched multi-hot);
                    a sample without one, or not a class id, is skipped and counted (``skipped_bad_label``)
     decode/augment ``pretrain.augment.TrainTransform``, torch's generator seeded by (seed, rank, worker, batch)
-    batch          normalise (+ mixup/cutmix) -> (float [B, 3, S, S], long [B] or float [B, C] soft/multi-hot)
+    batch          normalize (+ mixup/cutmix) -> (float [B, 3, S, S], long [B] or float [B, C] soft/multi-hot)
 
 Why a windowed shuffle buffer instead of webdataset's sliding one: a sliding buffer's contents depend on the
 whole history of the stream, so an exact resume would have to replay every sample read so far. Here the
@@ -45,7 +45,7 @@ import re
 import tarfile
 from collections import Counter
 from itertools import islice
-from typing import IO, Any, Iterable, Iterator, Optional, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -55,6 +55,7 @@ from webdataset.tariterators import group_by_keys
 
 from pretrain import storage
 from pretrain.augment import EVAL_CROP_RATIO, CorruptImage, EvalTransform, TrainTransform, seeded
+from pretrain.config import AugmentConfig
 from pretrain.errors import InputError
 from pretrain.object_stream import open_stream
 from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
@@ -253,7 +254,7 @@ class LabelReader:
             raise BadLabel(f"{where}: label {value!r} under label_key {self.key!r} is not a class id") from None
 
 
-def _decode(sample: dict, transform: Any, labels: LabelReader, counts: Counter) -> Optional[tuple[torch.Tensor, Any]]:
+def _decode(sample: dict, transform: "TrainTransform | EvalTransform", labels: LabelReader, counts: Counter) -> Optional[tuple[torch.Tensor, Any]]:
     """(uint8 image, label), or None for a sample skipped as corrupt or unlabelled (warned and counted)."""
     try:
         label = labels.of(sample)
@@ -324,7 +325,7 @@ def _raw_stream(urls: Sequence[str], draws: _Draws, draw: int, skip: int, counts
 class _Window:
     """The shuffle buffer of one stream, refilled a whole window at a time (see the module docstring)."""
 
-    def __init__(self, raw_from: Any, pos: dict, size: int, seed_parts: tuple):
+    def __init__(self, raw_from: Callable[..., Iterator[tuple]], pos: dict, size: int, seed_parts: tuple):
         self.size, self.seed_parts = size, seed_parts
         self.start, self.index, self.taken = (pos["draw"], pos["skip"]), pos["window"], pos["taken"]
         self._raw = raw_from(*self.start)
@@ -458,7 +459,7 @@ class TrainLoader:
 
 
 def make_train_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, seed: int,
-                      img_size: int, augment: Any, label_key: str = "cls", shuffle_buffer: int = 1000,
+                      img_size: int, augment: AugmentConfig, label_key: str = "cls", shuffle_buffer: int = 1000,
                       num_workers: int = 2, state: Optional[dict] = None, num_classes: Optional[int] = None,
                       pin_memory: bool = False, multi_label: bool = False) -> TrainLoader:
     """The training loader of one rank: ``max(1, num_workers)`` independent infinite streams.
@@ -594,7 +595,7 @@ def make_eval_loader(urls: Sequence[str], *, batch_size: int, rank: int, world_s
                      std: Sequence[float] = (0.5, 0.5, 0.5), shard_sizes: Optional[Sequence[int]] = None,
                      crop_ratio: float = EVAL_CROP_RATIO, pin_memory: bool = False, multi_label: bool = False,
                      num_classes: Optional[int] = None) -> EvalLoader:
-    """The evaluation loader of one rank: resize to ``img_size / crop_ratio``, center crop, normalise.
+    """The evaluation loader of one rank: resize to ``img_size / crop_ratio``, center crop, normalize.
 
     ``shard_sizes`` (the manifest's per-shard ``samples``) lets each stream open only its own slice of
     the data and gives ``EvalLoader.num_samples``; without it every stream reads all shards (raw) and

@@ -6,8 +6,8 @@ targets rescaled to +-1 with an L2 penalty, in closed form through one eigen-dec
 classify by the argmax. The linear probe is a multinomial logistic regression on the same frozen
 features (scikit-learn, L-BFGS) whose L2 strength is picked on a dev split.
 
-Images given as uint8 are scaled to [0, 1] and normalised with ``mean``/``std`` (default 0.5, 0.5: the
-paper's [-1, 1] range); float images are taken as already normalised.
+Images given as uint8 are scaled to [0, 1] and normalized with ``mean``/``std`` (default 0.5, 0.5: the
+paper's [-1, 1] range); float images are taken as already normalized.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ PAPER_MEAN = PAPER_STD = (0.5, 0.5, 0.5)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float] = PAPER_MEAN, std: Sequence[float] = PAPER_STD) -> torch.Tensor:
-    """uint8 images (..., 3, H, W) to normalised floats; float images pass through unchanged."""
+    """uint8 images (..., 3, H, W) to normalized floats; float images pass through unchanged."""
     if x.dtype != torch.uint8:
         return x.float()
     m = torch.tensor(mean).view(-1, 1, 1)
@@ -49,7 +49,7 @@ def _batches(images: Images, batch_size: int) -> Iterable[tuple[torch.Tensor, Op
 @torch.no_grad()
 def _map(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, images: Images, batch_size: int,
          mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``fn`` over normalised batches in eval mode, concatenated on the CPU, plus the labels if any."""
+    """``fn`` over normalized batches in eval mode, concatenated on the CPU, plus the labels if any."""
     was_training = model.training
     model.eval()
     param = next(model.parameters())

@@ -2,54 +2,56 @@
 
 The labelled sets are prepared once: ``max(shots)`` examples per class drawn from ``trainval`` in a
 seeded order (the shot subsets are drawn from that pool), and a fixed seeded subset of at most
-``TEST_MAX`` test images. Images are normalised like the training images. The closed-form regression
+``TEST_MAX`` test images. Images are normalized like the training images. The closed-form regression
 itself is ``pretrain.evaluate.fewshot_eval``, the same code the transfer stage runs.
 """
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from pretrain.config import AugmentConfig, FewshotConfig
+from pretrain.evaluate import normalize
+
 TEST_MAX = 2000  # test images per dataset: enough for a stable accuracy, cheap enough to run often
 
 
-class _Normalised(Dataset):
-    """(uint8 image, label) -> (float image normalised with the pretraining mean/std, label)."""
+class _Normalized(Dataset):
+    """(uint8 image, label) -> (float image normalized with the pretraining mean/std, label)."""
 
     def __init__(self, base: Dataset, mean: tuple, std: tuple):
-        self.base = base
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.base, self.mean, self.std = base, mean, std
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image, label = self.base[i]
-        return (image.float() / 255.0 - self.mean) / self.std, label
+        return normalize(image, self.mean, self.std), label
 
 
 class FewshotProbe:
     """Few-shot accuracies of the model being trained on the ``pretrain.fewshot`` datasets."""
 
-    def __init__(self, fs: Any, img_size: int, data_root: Optional[str], seed: int, augment: Any):
+    def __init__(self, fewshot: FewshotConfig, img_size: int, data_root: Optional[str], seed: int,
+                 augment: AugmentConfig):
         from pretrain.downstream import load_dataset
 
-        self.shots = sorted(fs.shots)
+        self.shots = sorted(fewshot.shots)
         self.seed = seed
         self.sets = []
-        for name in fs.datasets:
-            pool = _Normalised(load_dataset(name, "trainval", img_size, data_root), augment.mean, augment.std)
+        for name in fewshot.datasets:
+            pool = _Normalized(load_dataset(name, "trainval", img_size, data_root), augment.mean, augment.std)
             test = load_dataset(name, "test", img_size, data_root)
             g = torch.Generator().manual_seed(seed)
             keep = sorted(torch.randperm(len(test), generator=g)[:TEST_MAX].tolist())
             train_x, train_y = _per_class(pool, test.num_classes, self.shots[-1], seed)
             self.sets.append((name, train_x, train_y,
-                              _Normalised(Subset(test, keep), augment.mean, augment.std), test.num_classes))
+                              _Normalized(Subset(test, keep), augment.mean, augment.std), test.num_classes))
 
     def evaluate(self, engine, rank: int) -> dict[str, float]:
         """``{"fewshot_NAME_5shot": accuracy, ...}`` on rank 0, ``{}`` elsewhere.

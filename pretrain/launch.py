@@ -1,8 +1,8 @@
 """Entry point of a training process under any launcher.
 
-The seam between orchestration and the ML core is a plain dict: the resolved config (every key, as
-``pipelines.config.to_dict`` writes it, already validated) plus where to log. ``pipelines/train_job.py``
-hands that dict to each Ray Train worker; Slurm users write it to a file and run::
+The seam between orchestration and the ML core is a typed ``TrainJob`` (``pretrain/config.py``: the
+``model`` and ``pretrain`` slices, workdir, seed) plus where to log. ``pipelines/train_job.py`` hands it
+to each Ray Train worker; Slurm users write the resolved config to a file and run::
 
     torchrun --nnodes N --nproc_per_node 8 ... -m pretrain.launch --config runs/x/config.resolved.yaml
     deepspeed --num_gpus 8 pretrain/launch.py --config runs/x/config.resolved.yaml
@@ -16,47 +16,38 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
+from pretrain.config import ConfigError, ModelConfig, PretrainConfig, TrainJob, build
 from pretrain.errors import InputError
 
-# Mappings that stay dicts (raw pass-through keys), not sections read by attribute.
-RAW_KEYS = {"deepspeed"}
+def job_from_resolved(data: dict, source: str = "config") -> TrainJob:
+    """The typed ``TrainJob`` from a resolved config mapping (every key, as ``vitscale`` writes it):
+    its ``model`` and ``pretrain`` sections, ``workdir``, ``seed`` and ``transfer.data_root``."""
+    missing = [key for key in ("workdir", "model", "pretrain") if key not in data]
+    if missing:
+        raise ConfigError(f"{source}: {missing[0]}: missing (pass the resolved config that "
+                          "`python -m pipelines.train_job CONFIG --out FILE` writes)")
+    try:
+        return TrainJob(model=build(ModelConfig, data["model"], "model"),
+                        pretrain=build(PretrainConfig, data["pretrain"], "pretrain"),
+                        workdir=str(data["workdir"]), seed=int(data.get("seed", 0)),
+                        data_root=(data.get("transfer") or {}).get("data_root"))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
-class Section:
-    """A read-only view of a config mapping by attribute; a missing key is an InputError naming its path."""
-
-    def __init__(self, data: dict, path: str = "", source: str = "config"):
-        self._data, self._path, self._source = data, path, source
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        where = f"{self._path}.{name}" if self._path else name
-        if name not in self._data:
-            raise InputError(f"{self._source}: {where}: missing (pass the resolved config that "
-                             "`python -m pipelines.train_job CONFIG --out FILE` writes)")
-        value = self._data[name]
-        if isinstance(value, dict) and name not in RAW_KEYS:
-            return Section(value, where, self._source)
-        return value
-
-
-def run_job(spec: dict) -> dict:
-    """Train on this process's rank: ``spec = {"config": dict, "run_id": str|None, "tracking_uri": str|None}``."""
+def run_job(job: TrainJob, run_id: Optional[str] = None, tracking_uri: Optional[str] = None) -> dict:
+    """Train on this process's rank; log to MLflow run ``run_id`` at ``tracking_uri`` (None: no MLflow)."""
     from pretrain.loop import train
 
-    cfg = Section(spec["config"], source=spec.get("source", "config"))
-    return train(cfg.model, cfg.pretrain, workdir=str(cfg.workdir), seed=int(cfg.seed),
-                 run_id=spec.get("run_id"), tracking_uri=spec.get("tracking_uri"),
-                 data_root=cfg.transfer.data_root)
+    return train(job, run_id=run_id, tracking_uri=tracking_uri)
 
 
-def read_spec(path: str, run_id: Optional[str] = None, tracking_uri: Optional[str] = None) -> dict:
-    """The job spec from a resolved config file and the MLflow run to log to (None: no MLflow)."""
+def read_job(path: str) -> TrainJob:
+    """The ``TrainJob`` of a resolved config file."""
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{file}: config file not found")
@@ -66,12 +57,10 @@ def read_spec(path: str, run_id: Optional[str] = None, tracking_uri: Optional[st
         raise InputError(f"{file}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{file}: the top level must be a mapping")
-    return {"config": data, "source": str(file),
-            "run_id": run_id or os.environ.get("MLFLOW_RUN_ID"),
-            "tracking_uri": tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")}
+    return job_from_resolved(data, str(file))
 
 
-def _lease(spec: dict) -> contextlib.AbstractContextManager:
+def _lease(job: TrainJob) -> contextlib.AbstractContextManager:
     """Global rank 0 holds the checkpoint root's lease for the job (a second job on it is refused; the
     launcher then stops this job's other ranks). Under Ray Train the driver holds it instead."""
     from pretrain import storage
@@ -79,7 +68,7 @@ def _lease(spec: dict) -> contextlib.AbstractContextManager:
 
     if int(os.environ.get("RANK", 0)) != 0:
         return contextlib.nullcontext()
-    return Lease(storage.join(str(spec["config"]["workdir"]), "checkpoints"), "pretrain.launch")
+    return Lease(storage.join(job.workdir, "checkpoints"), "pretrain.launch")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -91,9 +80,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args(argv)
     try:
-        spec = read_spec(args.config, args.run_id, args.tracking_uri)
-        with _lease(spec):
-            result = run_job(spec)
+        job = read_job(args.config)
+        with _lease(job):
+            result = run_job(job, args.run_id or os.environ.get("MLFLOW_RUN_ID"),
+                             args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     except InputError as e:
         print(f"pretrain.launch: error: {e}", file=sys.stderr)
         return 2

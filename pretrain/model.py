@@ -1,7 +1,7 @@
 """The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al., ICLR 2021).
 
-Only ``nn.Module``s: no distributed code, no Ray, DeepSpeed or MLflow. Parallelism (activation
-checkpointing is the one exception, a per-block switch) is applied from outside by the engine.
+Only ``nn.Module``s: no distributed code, no Ray, DeepSpeed or MLflow. Activation checkpointing,
+compile and the DeepSpeed wrap are applied from outside, in ``pretrain/parallelize.py``.
 Module names follow timm's ``VisionTransformer`` where they can, so ``convert.py`` stays a table.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pretrain.cpu_bf16 import Linear
 
@@ -208,10 +207,7 @@ class ViT(nn.Module):
         """All tokens after the final LayerNorm, shape (B, T, width)."""
         x = self.embed(x)
         for block in self.blocks:
-            if self.cfg.act_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:

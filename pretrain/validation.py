@@ -3,12 +3,13 @@ once across all ranks, every ``pretrain.eval_every`` steps: mean loss and top-1 
 precision@1 (multi-label: the top class is one of the image's labels)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from pretrain import storage
+from pretrain.config import AugmentConfig
 from pretrain.engine import input_dtype
 from pretrain.losses import LossFn, correct_at_1
 
@@ -26,7 +27,7 @@ class HoldoutEval:
     """One exactly-once pass over the held-out shards per ``evaluate``; collective (every rank calls it)."""
 
     def __init__(self, urls: list[str], sizes: list[int], *, batch_size: int, rank: int, world_size: int,
-                 img_size: int, label_key: str, augment: Any, num_classes: int, multi_label: bool):
+                 img_size: int, label_key: str, augment: AugmentConfig, num_classes: int, multi_label: bool):
         from pretrain.data import make_eval_loader
 
         self.multi, self.img_size = multi_label, img_size

@@ -2,21 +2,21 @@
 launcher seam. The multi-process training itself is in test_train_job.py."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipelines.config import load_config, replace, to_dict
+from pipelines.config import PretrainConfig, load_config, replace
 from pretrain.engine import _merge, deepspeed_config, grad_accum_steps, param_groups, vit_config
 from pretrain.errors import InputError
-from pretrain.launch import Section, read_spec
+from pretrain.launch import job_from_resolved, read_job
 from pretrain.loop import _check_finite
 from pretrain.metrics import (PEAK_TFLOPS, Meter, detect_peak_tflops, hardware_flops_per_image,
                               model_flops_per_image)
@@ -117,30 +117,33 @@ def test_non_finite_loss_names_the_step():
         _check_finite(torch.tensor(math.inf), 9)
 
 
-def test_launch_reads_the_resolved_config_and_names_missing_keys(tmp_path, monkeypatch):
+def test_launch_builds_the_typed_job_from_the_resolved_config_and_names_bad_keys(tmp_path):
     import yaml
+
+    from pipelines.train_job import resolved_config
 
     cfg = replace(load_config("local"), **{"model.variant": "mu/4", "model.img_size": 16})
     path = tmp_path / "resolved.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
-    spec = read_spec(str(path), tracking_uri="sqlite:///x.db")
-    assert (spec["run_id"], spec["tracking_uri"]) == ("abc", "sqlite:///x.db")
-    section = Section(spec["config"], source=str(path))
-    # The worker side rebuilds exactly what the typed config describes.
-    assert vit_config(section.model, 7) == vit_config(cfg.model, 7)
-    assert section.pretrain.deepspeed == {} and section.pretrain.augment.crop == cfg.pretrain.augment.crop
-    partial = Section({"pretrain": {"lr": 0.1}}, source="mine.yaml")
-    with pytest.raises(InputError, match="mine.yaml: pretrain.micro_batch: missing"):
-        partial.pretrain.micro_batch
+    path.write_text(yaml.safe_dump(resolved_config(cfg)))
+    job = read_job(str(path))
+    # The worker side gets exactly the typed slices the driver validated.
+    assert (job.model, job.pretrain, job.seed) == (cfg.model, cfg.pretrain, cfg.seed)
+    assert vit_config(job.model, 7) == vit_config(cfg.model, 7)
+    bad = resolved_config(cfg)
+    bad["pretrain"]["micro_bach"] = 4
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(InputError, match="resolved.yaml: pretrain.micro_bach: unknown key"):
+        read_job(str(path))
+    with pytest.raises(InputError, match="mine.yaml: workdir: missing"):
+        job_from_resolved({"pretrain": {"lr": 0.1}, "model": {}}, "mine.yaml")
     with pytest.raises(InputError, match="not found"):
-        read_spec(str(tmp_path / "nope.yaml"))
+        read_job(str(tmp_path / "nope.yaml"))
 
 
-def test_deepspeed_config_accepts_duck_typed_slices():
-    p = types.SimpleNamespace(global_batch=8, micro_batch=4, steps=3, lr=0.1, betas=(0.9, 0.95), weight_decay=0.0,
-                              warmup_steps=1, schedule="cosine", grad_clip=1.0, precision="fp32", zero_stage=0,
-                              use_gpu=True, deepspeed={})
+def test_deepspeed_config_of_the_typed_slice():
+    p = dataclasses.replace(PretrainConfig(), global_batch=8, micro_batch=4, steps=3, lr=0.1, betas=(0.9, 0.95),
+                            weight_decay=0.0, warmup_steps=1, schedule="cosine", precision="fp32", zero_stage=0,
+                            use_gpu=True, workers=1)
     ds = deepspeed_config(p, world_size=1)
     assert ds["gradient_accumulation_steps"] == 2 and ds["optimizer"]["params"]["fused"] is True
 
@@ -152,7 +155,7 @@ def test_compiled_blocks_match_eager_share_one_graph_and_keep_names():
     import torch._inductor.config
     from torch._dynamo.utils import counters
 
-    from pretrain.engine import compile_blocks
+    from pretrain.parallelize import apply_act_checkpoint, compile_blocks
 
     torch.manual_seed(0)
     eager = ViT(ViTConfig.from_variant("tiny/4", img_size=16, num_classes=5, drop_path=0.2)).train()
@@ -176,11 +179,22 @@ def test_compiled_blocks_match_eager_share_one_graph_and_keep_names():
     for name, g in grads[0].items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # parallelize's order: checkpointing first, then compile over the checkpointed block; same gradients.
+    both = copy.deepcopy(eager)
+    both.zero_grad(set_to_none=True)
+    apply_act_checkpoint(both)
+    compile_blocks(both)
+    assert list(both.state_dict()) == list(eager.state_dict())
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(1)
+        torch.nn.functional.cross_entropy(both(x), y).backward()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(dict(both.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
     # A fresh interpreter: in this one pytest's other modules have imported mlflow already.
-    code = ("import sys; from pretrain.engine import import_deepspeed; import_deepspeed(); "
+    code = ("import sys; from pretrain.parallelize import import_deepspeed; import_deepspeed(); "
             "assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules, sorted(sys.modules); "
             "from deepspeed.autotuning import autotuner; assert not autotuner.has_mlflow; "
             "import mlflow; assert mlflow.MlflowClient; print('ok')")

@@ -149,11 +149,16 @@ def test_other_resolution_matches_timm_dynamic_img_size(pool):
 
 
 def _grads(act_checkpoint: bool, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    from pretrain.parallelize import apply_act_checkpoint
+
     torch.manual_seed(0)
-    model = ViT(ViTConfig.from_variant("mu/4", img_size=16, num_classes=5, dropout=0.1, drop_path=0.2,
-                                       act_checkpoint=act_checkpoint)).train()
+    model = ViT(ViTConfig.from_variant("mu/4", img_size=16, num_classes=5, dropout=0.1, drop_path=0.2)).train()
     for p in model.parameters():  # non-zero head so every gradient is non-trivial
         p.data.add_(torch.randn_like(p) * 0.02)
+    names = list(model.state_dict())
+    if act_checkpoint:  # applied from outside, as pretraining does; the names must not change
+        apply_act_checkpoint(model)
+    assert list(model.state_dict()) == names
     torch.manual_seed(1)  # same dropout / stochastic-depth draws in both runs
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):

@@ -57,12 +57,12 @@ def config(workdir: Path, shards: str):
     })
 
 
-def _worker_paused_once(spec: dict) -> dict:
+def _worker_paused_once(loop_config: dict) -> dict:
     """The job's worker function, plus: on the first attempt rank 1 waits after step KILL_AT to be killed."""
     import pretrain.loop as loop
     from pipelines import train_job as job
 
-    pid_file = Path(spec["config"]["workdir"]) / "victim.pid"
+    pid_file = Path(loop_config["job"].workdir) / "victim.pid"
     real_step = loop.train_step
 
     def train_step(engine, batches, loss_fn=None):
@@ -74,7 +74,7 @@ def _worker_paused_once(spec: dict) -> dict:
         return result
 
     loop.train_step = train_step
-    return job._train_worker(spec)
+    return job._train_worker(loop_config)
 
 
 def kill_when_paused(pid_file: Path, done: threading.Event, killed: list) -> None:
