@@ -1,29 +1,25 @@
-"""The one config schema: frozen dataclasses, loaded from YAML, validated once at the edge.
-
-Every stage receives the typed slice it needs (``cfg.shard``, ``cfg.pretrain``, ...), never the
-whole bag. Errors are ``ConfigError`` and always name the full key path (``pretrain.micro_batch``)
-or the file, so the CLI can print them and exit 2.
+"""The user's config: the core's typed slices (``pretrain/config.py``) composed with the orchestration
+ones (Ray, MLflow, sharding), loaded from YAML or a preset, ``--set`` overrides applied, validated once
+at the edge. Each stage is handed the slices it uses, never the whole bag. Errors are ``ConfigError``
+and name the full key path (``pretrain.micro_batch``) or the file, so the CLI can exit 2.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 
-from pretrain.errors import InputError
+from pretrain.config import (AugmentConfig, ConfigError, FewshotConfig, ModelConfig, PretrainConfig,
+                             TrainJob, TransferConfig, build, check_label_key, did_you_mean, to_dict)
 from pretrain.redact import redact
 
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(InputError):
-    """A bad config file, key or value. The message names the file or the key path."""
+__all__ = ["AugmentConfig", "Config", "ConfigError", "FewshotConfig", "ModelConfig", "PretrainConfig",
+           "TrainJob", "TransferConfig", "load_config", "to_dict"]
 
 
 # --------------------------------------------------------------------------- schema
@@ -84,91 +80,6 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    variant: str = "B/16"
-    img_size: int = 224
-    pool: Literal["cls", "gap"] = "cls"
-    representation_size: Optional[int] = None
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    act_checkpoint: bool = False
-    compile: bool = False  # torch.compile each transformer block for pretraining (one graph, reused by all)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    crop: Literal["inception", "center"] = "inception"
-    flip: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # Inception crop area range (big_vision default)
-    randaugment: Optional[tuple[int, int]] = None  # (num_ops, magnitude), e.g. [2, 15]
-    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the paper's [-1, 1] scaling
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-
-@dataclass(frozen=True)
-class FewshotConfig:
-    datasets: list[str] = field(default_factory=list)
-    shots: list[int] = field(default_factory=lambda: [5, 10])
-    every: int = 5000
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    shards: Optional[str] = None  # None = {workdir}/shards
-    label_key: str = "cls"  # cls | json:FIELD | txt
-    num_classes: Optional[int] = None  # None = the label count in the shards' manifest
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    global_batch: int = 4096
-    micro_batch: int = 64
-    steps: int = 100000
-    lr: float = 8.0e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.1
-    warmup_steps: int = 10000
-    schedule: Literal["linear", "cosine"] = "linear"
-    grad_clip: float = 1.0
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    loss: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: multi-label (JFT), head bias starts at -10
-    label_smoothing: float = 0.0
-    eval_every: int = 1000  # steps between passes over the shards' held-out validation part (shard.holdout)
-    shuffle_buffer: int = 2000
-    loader_workers: int = 4
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    max_failures: int = 3
-    peak_tflops: Optional[float] = None
-    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
-    deepspeed: dict = field(default_factory=dict)
-
-    @property
-    def grad_accum(self) -> int:
-        return self.global_batch // (self.micro_batch * self.workers)
-
-
-@dataclass(frozen=True)
-class TransferConfig:
-    checkpoint: str = "latest"
-    datasets: list[str] = field(default_factory=lambda: ["cifar10"])
-    mode: Literal["finetune", "linear", "fewshot"] = "finetune"
-    img_size: int = 384
-    batch: int = 512
-    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
-    steps: Optional[int] = None
-    warmup_steps: Optional[int] = None  # None = 5 % of the steps
-    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
-    compare_scratch: bool = False  # also fine-tune a randomly initialised model with the same budget
-    data_root: Optional[str] = None
-    workers: int = 1
-
-
-@dataclass(frozen=True)
 class Config:
     name: str = "demo"
     workdir: str = "runs/demo"
@@ -182,107 +93,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------- building from dicts
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and return it in the typed form."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
-            return value
-        raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, path)
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):  # YAML 1.1 reads "300e6" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # 300e6 style counts
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            path = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path)
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> Any:
-    """The config as plain YAML-able data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
 
 
 def leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -308,7 +118,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def from_dict(data: dict, source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    cfg = _build(Config, data)
+    cfg = build(Config, data)
     validate(cfg)
     return cfg
 
@@ -335,21 +145,24 @@ def check_workdir(cfg: Config) -> None:
                           "come from AWS_* / AWS_ENDPOINT_URL, never from the config)")
 
 
-def _check_schemes(cfg: Config) -> None:
+def _check_schemes(cfg: Config, bad: Callable[[str], None]) -> None:
     """Allowed schemes are fsspec's, and the built-in source reads its images back from the workdir."""
     allowed = cfg.shard.download.allowed_schemes
     for scheme in allowed:
         if scheme in ("http", "https", "file") or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
-            raise ConfigError(f"shard.download.allowed_schemes: {scheme!r} is not an fsspec scheme to allow "
-                              "(lowercase, without '://'; http, https, file and plain paths are always read)")
+            bad(f"shard.download.allowed_schemes: {scheme!r} is not an fsspec scheme to allow "
+                "(lowercase, without '://'; http, https, file and plain paths are always read)")
     workdir_scheme = cfg.workdir.split("://", 1)[0].lower() if "://" in cfg.workdir else "file"
     if cfg.shard.source.startswith("builtin:") and workdir_scheme not in (*allowed, "file"):
-        raise ConfigError(f"shard.download.allowed_schemes: the built-in source's images are stored under the "
-                          f"workdir ({cfg.workdir}); add {workdir_scheme!r} to read them back")
+        bad(f"shard.download.allowed_schemes: the built-in source's images are stored under the "
+            f"workdir ({cfg.workdir}); add {workdir_scheme!r} to read them back")
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
+    """Cross-field checks that a type alone cannot express. Every failing check is reported, in one
+    ``ConfigError`` (a check that needs an earlier one to hold is skipped while that one fails)."""
+    problems: list[str] = []
+    bad = problems.append
     p, m, s, t = cfg.pretrain, cfg.model, cfg.shard, cfg.transfer
     positive = {
         "seed": (cfg.seed, 0),
@@ -383,70 +196,85 @@ def validate(cfg: Config) -> None:
     }
     for key, (value, low) in positive.items():
         if value < low:
-            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+            bad(f"{key}: must be >= {low}, got {value}")
     if not 1 <= s.quality <= 100:
-        raise ConfigError(f"shard.quality: must be in 1..100, got {s.quality}")
+        bad(f"shard.quality: must be in 1..100, got {s.quality}")
     if s.samples_per_shard > 1_000_000:  # keys are SSSSSS_IIIIII
-        raise ConfigError(f"shard.samples_per_shard: at most 1000000 (6-digit sample keys), got {s.samples_per_shard}")
+        bad(f"shard.samples_per_shard: at most 1000000 (6-digit sample keys), got {s.samples_per_shard}")
     if not 0 <= p.label_smoothing < 1:
-        raise ConfigError(f"pretrain.label_smoothing: must be in [0, 1), got {p.label_smoothing}")
+        bad(f"pretrain.label_smoothing: must be in [0, 1), got {p.label_smoothing}")
     if s.holdout < 0 or (s.holdout >= 1 and not float(s.holdout).is_integer()):
-        raise ConfigError(f"shard.holdout: a fraction in [0, 1) or a whole number of rows, got {s.holdout}")
+        bad(f"shard.holdout: a fraction in [0, 1) or a whole number of rows, got {s.holdout}")
     if s.max_in_flight is not None and s.max_in_flight < 1:
-        raise ConfigError(f"shard.max_in_flight: must be >= 1 or null, got {s.max_in_flight}")
+        bad(f"shard.max_in_flight: must be >= 1 or null, got {s.max_in_flight}")
     if s.download.backoff_s < 0:
-        raise ConfigError(f"shard.download.backoff_s: must be >= 0, got {s.download.backoff_s}")
+        bad(f"shard.download.backoff_s: must be >= 0, got {s.download.backoff_s}")
     if s.download.timeout_s <= 0:
-        raise ConfigError(f"shard.download.timeout_s: must be > 0, got {s.download.timeout_s}")
-    _check_schemes(cfg)
-    if p.global_batch % (p.micro_batch * p.workers):
-        raise ConfigError(
-            f"pretrain.global_batch: {p.global_batch} is not micro_batch x workers x an integer "
-            f"accumulation ({p.micro_batch} x {p.workers} = {p.micro_batch * p.workers})"
-        )
+        bad(f"shard.download.timeout_s: must be > 0, got {s.download.timeout_s}")
+    _check_schemes(cfg, bad)
+    if p.micro_batch >= 1 and p.workers >= 1 and p.global_batch % (p.micro_batch * p.workers):
+        bad(f"pretrain.global_batch: {p.global_batch} is not micro_batch x workers x an integer "
+            f"accumulation ({p.micro_batch} x {p.workers} = {p.micro_batch * p.workers})")
     if p.lr <= 0:
-        raise ConfigError(f"pretrain.lr: must be > 0, got {p.lr}")
+        bad(f"pretrain.lr: must be > 0, got {p.lr}")
     if not all(0 <= b < 1 for b in p.betas):
-        raise ConfigError(f"pretrain.betas: each must be in [0, 1), got {list(p.betas)}")
-    if not (p.label_key in ("cls", "txt") or (p.label_key.startswith("json:") and len(p.label_key) > 5)):
-        raise ConfigError(f"pretrain.label_key: must be cls, txt or json:FIELD, got {p.label_key!r}")
+        bad(f"pretrain.betas: each must be in [0, 1), got {list(p.betas)}")
+    try:
+        check_label_key(p.label_key)
+    except ConfigError as e:
+        bad(str(e))
     lo, hi = p.augment.crop_scale
     if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"pretrain.augment.crop_scale: need 0 < low <= high <= 1, got {[lo, hi]}")
+        bad(f"pretrain.augment.crop_scale: need 0 < low <= high <= 1, got {[lo, hi]}")
     if any(x <= 0 for x in p.augment.std):
-        raise ConfigError(f"pretrain.augment.std: must be > 0, got {list(p.augment.std)}")
+        bad(f"pretrain.augment.std: must be > 0, got {list(p.augment.std)}")
     if p.precision == "fp16" and not p.use_gpu:
-        raise ConfigError("pretrain.precision: fp16 needs pretrain.use_gpu: true (use bf16 or fp32 on the CPU)")
+        bad("pretrain.precision: fp16 needs pretrain.use_gpu: true (use bf16 or fp32 on the CPU)")
     if m.compile and p.zero_stage == 3:
-        raise ConfigError("model.compile: not with pretrain.zero_stage 3, whose parameter hooks break the compiled "
-                          "blocks into pieces (use zero_stage 0 to 2, or model.compile: false)")
+        bad("model.compile: not with pretrain.zero_stage 3, whose parameter hooks break the compiled "
+            "blocks into pieces (use zero_stage 0 to 2, or model.compile: false)")
     if not 0 <= m.dropout < 1 or not 0 <= m.drop_path < 1:
-        raise ConfigError(f"model.dropout / model.drop_path: must be in [0, 1), got {m.dropout} / {m.drop_path}")
+        bad(f"model.dropout / model.drop_path: must be in [0, 1), got {m.dropout} / {m.drop_path}")
     from pretrain.model import VARIANTS, parse_variant  # noqa: PLC0415  (pretrain never imports us)
 
     try:
         name, patch = parse_variant(m.variant)
+        assert name in VARIANTS
     except ValueError as e:
-        raise ConfigError(f"model.variant: {e}") from None
-    if m.img_size % patch:
-        raise ConfigError(f"model.img_size: {m.img_size} is not a multiple of the patch size {patch}")
-    if t.img_size % patch:
-        raise ConfigError(f"transfer.img_size: {t.img_size} is not a multiple of the patch size {patch}")
+        bad(f"model.variant: {e}")
+        patch = None
+    if patch and m.img_size % patch:
+        bad(f"model.img_size: {m.img_size} is not a multiple of the patch size {patch}")
+    if patch and t.img_size % patch:
+        bad(f"transfer.img_size: {t.img_size} is not a multiple of the patch size {patch}")
     if not t.datasets:
-        raise ConfigError("transfer.datasets: at least one dataset is needed")
+        bad("transfer.datasets: at least one dataset is needed")
     if not t.lrs or any(lr <= 0 for lr in t.lrs):
-        raise ConfigError(f"transfer.lrs: need one or more positive learning rates, got {t.lrs}")
+        bad(f"transfer.lrs: need one or more positive learning rates, got {t.lrs}")
     if t.steps is not None and t.steps < 1:
-        raise ConfigError(f"transfer.steps: must be >= 1, got {t.steps}")
+        bad(f"transfer.steps: must be >= 1, got {t.steps}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
-        raise ConfigError(f"transfer.warmup_steps: must be >= 0, got {t.warmup_steps}")
+        bad(f"transfer.warmup_steps: must be >= 0, got {t.warmup_steps}")
     if any(k < 1 for k in t.shots):
-        raise ConfigError(f"transfer.shots: each must be >= 1, got {t.shots}")
-    if t.batch % t.workers:
-        raise ConfigError(f"transfer.batch: {t.batch} is not divisible by transfer.workers ({t.workers})")
+        bad(f"transfer.shots: each must be >= 1, got {t.shots}")
+    if t.micro_batch is not None and t.micro_batch < 1:
+        bad(f"transfer.micro_batch: must be >= 1 or null, got {t.micro_batch}")
+    elif t.micro_batch is None and t.workers >= 1 and t.batch % t.workers:
+        bad(f"transfer.batch: {t.batch} is not divisible by transfer.workers ({t.workers})")
+    elif t.micro_batch is not None and t.workers >= 1 and t.batch % (t.micro_batch * t.workers):
+        bad(f"transfer.batch: {t.batch} is not transfer.micro_batch x transfer.workers x an integer accumulation "
+            f"({t.micro_batch} x {t.workers} = {t.micro_batch * t.workers})")
+    if p.deepspeed:  # DeepSpeed's own parser: imported (about 2 s) only when there are raw keys to check
+        from pretrain.ds_config import check_deepspeed_keys  # noqa: PLC0415
+
+        try:
+            check_deepspeed_keys(p.deepspeed)
+        except ConfigError as e:
+            bad(str(e))
     if not p.fewshot.every >= 1:
-        raise ConfigError(f"pretrain.fewshot.every: must be >= 1, got {p.fewshot.every}")
-    assert name in VARIANTS
+        bad(f"pretrain.fewshot.every: must be >= 1, got {p.fewshot.every}")
+    if problems:
+        raise ConfigError(*problems)
 
 
 # --------------------------------------------------------------------------- files and overrides
@@ -487,7 +315,10 @@ def list_presets() -> list[str]:
 def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"preset {name!r} does not exist (known: {', '.join(list_presets())})")
+        known = list_presets()
+        guess = did_you_mean(name, known)
+        hint = f"did you mean {guess!r}? " if guess else ""
+        raise ConfigError(f"preset {name!r} does not exist ({hint}known: {', '.join(known)})")
     return path
 
 
@@ -515,10 +346,16 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
     else:
         path = preset_path(str(source))
     data = read_yaml(path)
+    problems: list[str] = []
     for item in overrides:
-        key, value = parse_override(item)
-        _set_path(data, key, value)
+        try:
+            key, value = parse_override(item)
+            _set_path(data, key, value)
+        except ConfigError as e:
+            problems += e.problems
     try:
+        if problems:
+            raise ConfigError(*problems)
         return from_dict(data, str(path))
     except ConfigError as e:
-        raise ConfigError(f"{e} (in {path})") from None
+        raise ConfigError(*e.problems, where=str(path)) from None

@@ -6,6 +6,7 @@ the last one stopped (and a finished pipeline only prints its summary again).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from typing import Callable, Optional
 
@@ -16,6 +17,8 @@ from pipelines.tracking import stage_run, tracker_for, tracking_uri
 from pretrain import storage
 from pretrain.lease import Lease
 from pretrain.redact import redact
+
+log = logging.getLogger(__name__)
 
 
 def _stages() -> list[tuple[str, Callable[[Config], bool], Callable[..., dict]]]:
@@ -32,7 +35,7 @@ def _stages() -> list[tuple[str, Callable[[Config], bool], Callable[..., dict]]]
 
 
 def run_pipeline(cfg: Config, parent_run_id: Optional[str] = None) -> dict:
-    """Run every unfinished stage; returns {stage: result or "skipped"} plus the summary text."""
+    """Run every unfinished stage; returns {stage: result or "skipped"} plus the summary text (not printed)."""
     from pipelines.cluster import ensure_ray
 
     results: dict[str, object] = {}
@@ -49,23 +52,22 @@ def _run_stages(cfg: Config, parent_run_id: Optional[str], results: dict) -> dic
             tracker.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
             for name, complete, run_stage in _stages():
                 if complete(cfg):
-                    print(f"[vitscale] {name}: output complete, skipped", flush=True)
+                    log.info("[vitscale] %s: output complete, skipped", name)
                     results[name] = "skipped"
                     tracker.set_tags({f"vitscale.{name}": "skipped"})
                     continue
-                print(f"[vitscale] {name}: starting", flush=True)
+                log.info("[vitscale] %s: starting", name)
                 t0 = time.time()
                 with stage_run(cfg, name, parent_run_id=run_id) as stage_run_id:
                     results[name] = run_stage(cfg, run_id=stage_run_id)
                 seconds = time.time() - t0
                 tracker.log_metrics({f"{name}_seconds": seconds}, step=0)
                 tracker.set_tags({f"vitscale.{name}": "done"})
-                print(f"[vitscale] {name}: done in {seconds:.0f} s", flush=True)
+                log.info("[vitscale] %s: done in %.0f s", name, seconds)
         finally:
             tracker.close()
         results["summary"] = summary(cfg)
         results["run_id"] = run_id
-    print(results["summary"], flush=True)
     return results
 
 
@@ -94,5 +96,5 @@ def summary(cfg: Config) -> str:
 
 
 def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
-    run_pipeline(cfg)
+    print(run_pipeline(cfg)["summary"], flush=True)  # the command's product: where everything is, the table
     return 0

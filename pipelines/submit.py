@@ -18,12 +18,12 @@ import asyncio
 import fnmatch
 import ipaddress
 import json
+import logging
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -55,6 +55,7 @@ CONNECT_TIMEOUT_S = 10.0
 STOP_WAIT_S = 60.0  # Ray sends SIGTERM, then SIGKILL after its own grace period
 AGENT_WAIT_S = 120.0  # how long a just-started head may answer "No available agent ... try again later"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- what is shipped
@@ -265,7 +266,7 @@ def check_transport(address: str, env: Mapping[str, str], insecure: bool) -> Non
         return
     names = ", ".join(sorted(env))
     if insecure:
-        print(f"warning: --insecure: sending {names} unencrypted to {address}", file=sys.stderr)
+        log.warning("--insecure: sending %s unencrypted to %s", names, address)
         return
     raise InputError(f"--address {address}: refusing to send credentials ({names}) unencrypted over http:// to "
                      "another machine. Use an https:// address (a TLS proxy in front of the dashboard), or a "
@@ -320,8 +321,7 @@ def _via_agent(call: Callable[[], T]) -> T:
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise
             if not said:
-                print("the cluster's job agent is not up yet; retrying for up to "
-                      f"{AGENT_WAIT_S:.0f} s", file=sys.stderr, flush=True)
+                log.info("the cluster's job agent is not up yet; retrying for up to %.0f s", AGENT_WAIT_S)
                 said = True
             time.sleep(2.0)
 
@@ -374,18 +374,18 @@ def submit_main(cfg: Config, args) -> int:
         check_transport(address, env, getattr(args, "insecure", False))
     client = None if dry_run else connect(address)
     if "://" not in cfg.workdir and not Path(cfg.workdir).is_absolute():
-        print(f"warning: workdir {cfg.workdir!r} is relative: on the cluster it lands inside the job's "
-              "temporary directory; use a shared absolute path or s3://...", file=sys.stderr)
+        log.warning("workdir %r is relative: on the cluster it lands inside the job's temporary directory; "
+                    "use a shared absolute path or s3://...", cfg.workdir)
     if cfg.tracking.uri is None:
-        print("warning: tracking.uri is null: MLflow writes a sqlite file into the workdir on the cluster; "
-              "set it to your MLflow server (infra/mlflow)", file=sys.stderr)
+        log.warning("tracking.uri is null: MLflow writes a sqlite file into the workdir on the cluster; "
+                    "set it to your MLflow server (infra/mlflow)")
     submission_id = f"vitscale-{cfg.name}-{stage}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="vitscale-submit-") as tmp:
         skipped = stage_working_dir(source_root(), Path(tmp), cfg)
         for rel in skipped.too_big:
-            print(f"not shipped (over {MAX_FILE_BYTES // 2**20} MiB): {rel}", file=sys.stderr)
+            log.warning("not shipped (over %d MiB): %s", MAX_FILE_BYTES // 2**20, rel)
         for rel in skipped.secret:
-            print(f"not shipped (may hold secrets): {rel}", file=sys.stderr)
+            log.warning("not shipped (may hold secrets): %s", rel)
         if dry_run:
             _print_listing(Path(tmp))
             print(f"entrypoint: {entrypoint(stage, overrides)}")
@@ -399,15 +399,14 @@ def submit_main(cfg: Config, args) -> int:
         ))
     print(f"submitted {job_id}: {entrypoint(stage, overrides)} on {address}", flush=True)
     if env:
-        print(f"credentials passed as environment variables: {', '.join(sorted(env))}", flush=True)
+        log.info("credentials passed as environment variables: %s", ", ".join(sorted(env)))
     if args.no_wait:
         print(_hints(job_id, address))
         return 0
     try:
         status = _wait(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; {job_id} goes on running on the cluster\n{_hints(job_id, address)}",
-              file=sys.stderr)
+        log.warning("stopped watching; %s goes on running on the cluster\n%s", job_id, _hints(job_id, address))
         raise
     print(f"job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1

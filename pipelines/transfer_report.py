@@ -34,8 +34,9 @@ def markdown_table(rows: list[dict], shots: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_report(rows: list[dict], shots: list[int], meta: dict[str, Any]) -> str:
-    """The whole report.md: what was measured, how, and the table."""
+def markdown_report(rows: list[dict], shots: list[int], meta: dict[str, Any], plot_name: str = "plot.png") -> str:
+    """The whole report.md: what was measured, how, the table, and the plot (``plot_name``, written beside
+    it: a relative link, so the report shows it wherever the folder is copied or browsed)."""
     steps = ", ".join(f"{r['dataset']} {r['steps']}" for r in rows if r["init"] == "pretrained")
     dev = []
     for r in rows:
@@ -58,6 +59,7 @@ def markdown_report(rows: list[dict], shots: list[int], meta: dict[str, Any]) ->
     ]
     if dev:
         parts += ["Dev accuracy (%) per LR:", "", *dev, ""]
+    parts += [f"![Test accuracy per dataset, and dev accuracy against the learning rate]({plot_name})", ""]
     return "\n".join(parts)
 
 

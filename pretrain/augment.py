@@ -6,9 +6,8 @@ mixup / cutmix. Evaluation: resize the shorter side to ``img_size / crop_ratio``
 
 Decoding: the crop box is drawn from the JPEG header (``PIL.Image.open`` reads no pixels), so a JPEG much
 larger than the crop needs is decoded at 1/2, 1/4 or 1/8 scale with Pillow's draft mode; all others go
-through ``torchvision.io.decode_jpeg``, faster per core than Pillow on 256-px JPEGs in every run of
-``vitscale bench loader`` (which prints both): 1.04x to 1.35x in four runs on a 16-core H200 host
-(e.g. 1,579 vs 1,166 images/s), 1.31x on the 2-core dev box. Other formats go through Pillow.
+through ``torchvision.io.decode_jpeg``, faster per core than Pillow on 256-px JPEGs (``vitscale bench
+loader`` prints both; the README quotes its runs). Other formats go through Pillow.
 
 Randomness comes from torch's global generator, seeded once per batch by the caller (``seeded``), so a
 batch is a pure function of its raw samples and its seed: that is what makes resume exact.

@@ -5,7 +5,7 @@ Layout under ``root`` (``{workdir}/checkpoints``, a local or shared path, or an 
     step_00000400/                 one checkpoint, visible only once complete
         mp_rank_00_model_states.pt     DeepSpeed's files (model, scheduler; optimizer shards below)
         zero_pp_rank_R_mp_rank_00_optim_states.pt
-        client_rank{R}.pt              our state per rank: step, loader, RNG, config (weights_only)
+        client_rank{R}.pt              our state per rank: step, world size, format, loader, RNG (weights_only)
         manifest.json                  sha256 and size of every file above, world size, step
         COMPLETE                       the sha256 of manifest.json; written last
     universal/step_00000400/       DeepSpeed universal form of it, made when the world size changed

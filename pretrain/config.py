@@ -127,6 +127,12 @@ class TransferConfig:
         return 1 if self.micro_batch is None else self.batch // (self.micro_batch * self.workers)
 
 
+def check_label_key(label_key: str, where: str = "pretrain.label_key") -> None:
+    """Where a sample's label is: the ``.cls`` or ``.txt`` member, or a field of its ``.json``."""
+    if not (label_key in ("cls", "txt") or (label_key.startswith("json:") and len(label_key) > 5)):
+        raise ConfigError(f"{where}: must be cls, txt or json:FIELD, got {label_key!r}")
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """What one pretraining process needs: the hand-off from any launcher (Ray Train, torchrun) to the core."""

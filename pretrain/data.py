@@ -55,7 +55,7 @@ from webdataset.tariterators import group_by_keys
 
 from pretrain import storage
 from pretrain.augment import EVAL_CROP_RATIO, CorruptImage, EvalTransform, TrainTransform, seeded
-from pretrain.config import AugmentConfig
+from pretrain.config import AugmentConfig, check_label_key
 from pretrain.errors import InputError
 from pretrain.object_stream import open_stream
 from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
@@ -88,7 +88,7 @@ def _read_manifest(path: str) -> tuple[list[str], dict]:
     return [storage.join(base, s["name"]) for s in shards], manifest
 
 
-def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
+def resolve_shards(location: str) -> tuple[list[str], Optional[dict]]:
     """A manifest.json path, a shard directory or a brace pattern -> (shard urls, manifest or None).
 
     A directory with a ``manifest.json`` uses it; one the shard stage has not finished is refused; any
@@ -96,28 +96,28 @@ def resolve_shards(spec: str) -> tuple[list[str], Optional[dict]]:
     ``dir/{000000..000009}.tar`` or ``s3://bucket/{000000..041455}.tar`` are expanded as webdataset does.
     Local paths are checked here, so a typo fails before any worker starts.
     """
-    spec = str(spec)
-    if spec.endswith(".json"):
-        urls, manifest = _read_manifest(spec)
-    elif "{" in spec or spec.endswith((".tar", ".tar.gz", ".tgz")) or spec.startswith("pipe:"):
-        urls, manifest = expand_urls(spec), None
+    location = str(location)
+    if location.endswith(".json"):
+        urls, manifest = _read_manifest(location)
+    elif "{" in location or location.endswith((".tar", ".tar.gz", ".tgz")) or location.startswith("pipe:"):
+        urls, manifest = expand_urls(location), None
     else:
-        fs, root = storage.filesystem(spec)
-        if storage.exists(storage.join(spec, MANIFEST)):
-            urls, manifest = _read_manifest(storage.join(spec, MANIFEST))
-        elif storage.exists(storage.join(spec, STAGE_MARKER)):
-            raise InputError(f"{spec}: the shard stage has not finished here (no {MANIFEST} yet), so its shards "
+        fs, root = storage.filesystem(location)
+        if storage.exists(storage.join(location, MANIFEST)):
+            urls, manifest = _read_manifest(storage.join(location, MANIFEST))
+        elif storage.exists(storage.join(location, STAGE_MARKER)):
+            raise InputError(f"{location}: the shard stage has not finished here (no {MANIFEST} yet), so its shards "
                              "are incomplete; run `vitscale shard` again to finish them")
         elif fs.isdir(root):
-            urls, manifest = [storage.join(spec, n) for n in storage.listdir(spec) if n.endswith(".tar")], None
+            urls, manifest = [storage.join(location, n) for n in storage.listdir(location) if n.endswith(".tar")], None
         else:
-            raise InputError(f"{spec}: no such shard directory, manifest or pattern")
+            raise InputError(f"{location}: no such shard directory, manifest or pattern")
     if not urls:
-        raise InputError(f"{spec}: no shards found")
+        raise InputError(f"{location}: no shards found")
     missing = [u for u in urls if not storage.is_remote(u) and not u.startswith("pipe:")
                and not os.path.isfile(storage.local_path(u))]
     if missing:
-        raise InputError(f"{spec}: {len(missing)} shard(s) missing, first {missing[0]}")
+        raise InputError(f"{location}: {len(missing)} shard(s) missing, first {missing[0]}")
     return urls, manifest
 
 
@@ -190,11 +190,6 @@ def opened_ahead(urls: Iterable[str], counts: Counter) -> Iterator[tuple[str, Op
     finally:
         if upcoming is not None and upcoming[1] is not None:
             upcoming[1].close()
-
-
-def check_label_key(label_key: str) -> None:
-    if not (label_key in ("cls", "txt") or (label_key.startswith("json:") and len(label_key) > 5)):
-        raise InputError(f"label_key: must be cls, txt or json:FIELD, got {label_key!r}")
 
 
 class BadLabel(ValueError):

@@ -68,12 +68,6 @@ def features(model: nn.Module, images: Images, batch_size: int = 256, mean: Sequ
     return _map(lambda x: model.forward_features(x).float(), model, images, batch_size, mean, std)
 
 
-def predict(model: nn.Module, images: Images, batch_size: int = 256, mean: Sequence[float] = PAPER_MEAN,
-            std: Sequence[float] = PAPER_STD) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Predicted class ids (N,), and the labels when ``images`` is a Dataset."""
-    return _map(lambda x: model(x).argmax(dim=-1), model, images, batch_size, mean, std)
-
-
 def accuracy(logits_or_preds: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy from logits (N, C) or predicted ids (N,)."""
     preds = logits_or_preds.argmax(dim=-1) if logits_or_preds.ndim == 2 else logits_or_preds

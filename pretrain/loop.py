@@ -101,6 +101,7 @@ def train(job: TrainJob, *, run_id: Optional[str] = None, tracking_uri: Optional
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 with meter.excluded():
                     ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state()})
+                    log.draw(final=step == cfg.steps)
         export_dir = _export(engine, vit, cfg.augment, workdir, step, rank)
         return {"step": step, "metrics": metrics, "checkpoint_dir": storage.join(workdir, "checkpoints"),
                 "export_dir": export_dir, "resumed": state.get("resumed") if state else None}
@@ -188,6 +189,17 @@ class MetricsLog:
         done = step - self.first_step
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
         return f"elapsed {_hms(elapsed)} ETA {_hms(eta)}"
+
+    def draw(self, final: bool = False) -> None:
+        """Redraw ``curves.png`` beside the metrics file (a long run shows its progress at every
+        checkpoint); the final picture also goes to MLflow."""
+        if not self.active or not self.path or not self.path.exists():
+            return
+        from pretrain.curves import plot_curves
+
+        png = plot_curves(str(self.path))
+        if final:
+            self.tracker.log_artifact(png)
 
     def say(self, text: str) -> None:
         if self.active:

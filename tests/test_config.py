@@ -142,6 +142,32 @@ def test_unknown_keys_name_the_full_path(override, path):
 
 
 @pytest.mark.parametrize("override,expected", [
+    ("pretrain.stepz=3", "pretrain.stepz: unknown key, did you mean pretrain.steps?"),
+    ("pretrain.augment.mixpu=0.2", "pretrain.augment.mixpu: unknown key, did you mean pretrain.augment.mixup?"),
+    ("shard.download.timeout=3", "shard.download.timeout: unknown key, did you mean shard.download.timeout_s?"),
+    ("modle.variant=B/16", "modle: unknown key, did you mean model?"),
+])
+def test_a_typo_gets_did_you_mean(override, expected):
+    msg = _bad(override)
+    assert expected in msg and "allowed:" not in msg  # the close key, not a list of all of them
+
+
+def test_every_bad_key_and_value_is_reported_at_once():
+    msg = _bad("pretrain.stepz=3", "model.pool=max", "pretrain.lr=fast", "bogus=1")
+    assert msg.startswith("4 problems in ") and "local.yaml" in msg
+    for part in ("pretrain.stepz: unknown key", "model.pool: 'max' is not one of", "pretrain.lr: expected a number",
+                 "bogus: unknown key"):
+        assert part in msg
+    with pytest.raises(ConfigError) as e:
+        load_config("local", ["pretrain.steps=0", "shard.quality=0", "transfer.workers=0", "model.variant=Q/16"])
+    assert len(e.value.problems) == 4  # the cross-field checks too, each naming its key
+    assert {p.split(":")[0] for p in e.value.problems} == {"pretrain.steps", "shard.quality", "transfer.workers",
+                                                           "model.variant"}
+    msg = _bad("--bad", "also bad")
+    assert msg.startswith("2 problems") and "'--bad': expected key=value" in msg and "'also bad'" in msg
+
+
+@pytest.mark.parametrize("override,expected", [
     ("pretrain.steps=ten", "pretrain.steps: expected an integer, got 'ten'"),
     ("pretrain.steps=2.5", "pretrain.steps: expected an integer"),
     ("pretrain.steps=true", "pretrain.steps: expected an integer"),

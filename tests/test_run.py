@@ -44,6 +44,9 @@ def test_local_preset_end_to_end_then_rerun_skips(ray_local, tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["run_id"]]
     assert sorted(r.data.tags["vitscale.stage"] for r in children) == ["pretrain", "shard", "transfer"]
     assert all(r.info.status == "FINISHED" for r in children)
+    pretrain_run = next(r for r in children if r.data.tags["vitscale.stage"] == "pretrain")
+    assert "curves.png" in [f.path for f in client.list_artifacts(pretrain_run.info.run_id)]
+    assert (work / "logs" / "curves.png").is_file()
 
     second = run_pipeline(cfg)
     assert [second[s] for s in ("shard", "pretrain", "transfer")] == ["skipped"] * 3

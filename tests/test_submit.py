@@ -200,7 +200,8 @@ def test_submit_shard_job_then_status_logs_list(ray_head, tmp_path):
     cfg_path = _config(tmp_path)
     secret = f"pw-{uuid.uuid4().hex}"
     env = dict(ray_head.env, MLFLOW_TRACKING_PASSWORD=secret, AWS_ACCESS_KEY_ID="AKIDTEST")
-    res = _vitscale(["submit", str(cfg_path), "--address", ray_head.address, "--stage", "shard"], env)
+    # No --address: $RAY_ADDRESS, the Ray convention, names the head.
+    res = _vitscale(["submit", str(cfg_path), "--stage", "shard"], dict(env, RAY_ADDRESS=ray_head.address))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:] + _head_logs(ray_head)
     job_id = next(w for w in res.stdout.split() if w.startswith("vitscale-subtest-shard-")).rstrip(":")
     assert f"job {job_id}: SUCCEEDED" in res.stdout

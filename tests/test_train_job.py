@@ -102,6 +102,12 @@ def check_trained(cfg_ray: Config, cfg_torchrun: Config, result: dict) -> None:
     assert pretrain_complete(cfg_ray) and pretrain_complete(cfg_torchrun)
     assert not pretrain_complete(replace(cfg_ray, **{"pretrain.steps": steps + 1}))
     assert (Path(cfg_ray.workdir) / "checkpoints" / f"step_{steps:08d}").is_dir()
+    from PIL import Image
+
+    from pretrain.curves import DPI, FIGSIZE
+
+    with Image.open(Path(cfg_ray.workdir) / "logs" / "curves.png") as png:  # drawn beside the metrics file
+        assert png.format == "PNG" and png.size == (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 
     import torch
 
