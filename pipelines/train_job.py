@@ -8,6 +8,7 @@ through ``python -m pretrain.launch --config FILE``. Rank 0 logs metrics to the 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Optional
 
@@ -22,6 +23,7 @@ from pretrain.loop import EXPORT_MARKER
 from pretrain.redact import redact
 
 RESOLVED_CONFIG = "config.resolved.yaml"
+log = logging.getLogger(__name__)
 
 
 def resolved_config(cfg: Config) -> dict:
@@ -119,7 +121,7 @@ def _fit(cfg: Config, run_id: Optional[str]) -> dict:
         resumed = describe_resume({"resumed": result["resumed"]} if result.get("resumed") else None)
         driver.set_tags({"vitscale.pretrain.nodes": ",".join(result["nodes"]),
                          "vitscale.pretrain.step": result["step"], "vitscale.pretrain.resumed": resumed})
-        print(f"[vitscale] pretrain: {resumed}", flush=True)
+        log.info("[vitscale] pretrain: %s", resumed)
     finally:
         driver.close(timeout_s=10.0)  # the params went out long ago; only the final tags may wait
     return result
@@ -138,8 +140,8 @@ def cli_main(cfg: Config, args: argparse.Namespace) -> int:  # noqa: ARG001
         with stage_run(cfg, "pretrain") as run_id:
             result = run_pretrain(cfg, run_id=run_id)
     loss = result["metrics"].get("loss")
-    print(f"[vitscale] pretrain: step {result['step']}, loss {loss if loss is None else round(loss, 4)}, "
-          f"export {result['export_dir']}, MLflow run {run_id}", flush=True)
+    log.info(f"[vitscale] pretrain: step {result['step']}, loss {loss if loss is None else round(loss, 4)}, "
+             f"export {result['export_dir']}, MLflow run {run_id}")
     return 0
 
 
