@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision first and pinned: the CPU machines here carry exactly these wheels on disk.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test install install-test clean
+.PHONY: run test install install-test clean gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,5 +24,9 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The wheels a bare GPU machine lacks, for infra/bench-gpu.sh to install offline (Python 3.12, x86_64).
+gpu-wheels: install
+	PYTHON=$(BIN)/python infra/gpu-wheels.sh
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .gpu-wheels

@@ -1,10 +1,7 @@
 """Throughput accounting: images/s, achieved TFLOP/s, MFU and HFU, data-wait fraction and memory.
 
-FLOPs come from the ViT's shape (``pretrain.model.macs_per_image``): 2 FLOPs per multiply-add. As PaLM
-defines them, *model* FLOPs of a training step are 3 forward passes (forward + backward, twice the
-forward) whatever the implementation does; *hardware* FLOPs add the forward that activation
-checkpointing recomputes. MFU = achieved model FLOP/s per device / the device's peak, HFU the same
-with hardware FLOPs: with checkpointing, MFU = 3/4 HFU.
+MFU = achieved model FLOP/s per device / the device's peak, HFU the same with hardware FLOPs; the FLOP
+counts and the peaks are ``pretrain.flops``'s, the table the benchmarks and the plan use too.
 """
 from __future__ import annotations
 
@@ -16,29 +13,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from pretrain.model import ViTConfig, macs_per_image
+from pretrain.flops import PEAK_TFLOPS, detect_peak_tflops, hardware_flops_per_image, model_flops_per_image
 
-# Dense bf16 peak per device in TFLOP/s (no sparsity), by a substring of the CUDA device name; the first
-# match wins, so the PCIe card (lower clocks) comes before the SXM one.
-PEAK_TFLOPS: dict[str, float] = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
-
-
-def model_flops_per_image(vit: ViTConfig, img_size: Optional[int] = None) -> float:
-    """Model FLOPs of one training step per image: 2 x MACs x 3 (forward + backward)."""
-    return 2.0 * macs_per_image(vit, img_size) * 3
-
-
-def hardware_flops_per_image(vit: ViTConfig, act_checkpoint: bool, img_size: Optional[int] = None) -> float:
-    """FLOPs the device runs per image: the model FLOPs plus the recomputed forward when checkpointing."""
-    return 2.0 * macs_per_image(vit, img_size) * (4 if act_checkpoint else 3)
-
-
-def detect_peak_tflops(device: torch.device | str | None = None) -> Optional[float]:
-    """The bf16 peak of the CUDA device from its name, or None (CPU, or a card not in the table)."""
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+__all__ = ["PEAK_TFLOPS", "Meter", "detect_peak_tflops", "hardware_flops_per_image", "memory_stats",
+           "model_flops_per_image"]
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

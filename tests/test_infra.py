@@ -40,6 +40,18 @@ def _container(group: dict) -> dict:
     return group["template"]["spec"]["containers"][0]
 
 
+def _check_fabric(group: dict) -> None:
+    """A GPU group reaches the other nodes over RDMA (EFA or InfiniBand), with the image that can."""
+    c = _container(group)
+    limits, requests = c["resources"]["limits"], c["resources"]["requests"]
+    fabric = [k for k in limits if k == "vpc.amazonaws.com/efa" or k.startswith("rdma/")]
+    assert fabric and all(requests[k] == limits[k] for k in fabric)
+    assert c["image"].endswith("-efa") == (fabric == ["vpc.amazonaws.com/efa"])  # libfabric + OFI plugin
+    assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["NCCL_DEBUG"] in ("WARN", "INFO")
+
+
 def _check_ray_cluster_spec(spec: dict, dashboard_host: str) -> None:
     assert spec["rayVersion"] == __import__("ray").__version__
     assert spec["authOptions"] == {"mode": "token"}
@@ -48,6 +60,8 @@ def _check_ray_cluster_spec(spec: dict, dashboard_host: str) -> None:
     assert head["rayStartParams"]["dashboard-host"] == dashboard_host
     gpu_groups = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in _container(g)["resources"]["limits"]]
     assert gpu_groups, "no GPU worker group"
+    for group in gpu_groups:
+        _check_fabric(group)
     for group in _ray_groups(spec):
         c = _container(group)
         env = {e["name"]: e for e in c["env"]}
@@ -106,6 +120,15 @@ def test_cluster_launcher_keeps_the_dashboard_local_and_uses_a_token():
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     gpu_types = [t for t in cfg["available_node_types"].values() if t.get("max_workers", 0) > 0]
     assert gpu_types and cfg["head_node_type"] in cfg["available_node_types"]
+    # EFA on the GPU nodes only: the devices and pinned memory in their containers, the image with the
+    # OFI plugin, the interfaces from a launch template, one placement group
+    docker = cfg["docker"]
+    assert "--device=/dev/infiniband" in docker["worker_run_options"]
+    assert "--ulimit memlock=-1:-1" in docker["worker_run_options"]
+    assert not any("infiniband" in o for o in docker["run_options"])  # the CPU head has no EFA device
+    assert docker["worker_image"].endswith("-efa") and any("NCCL_SOCKET_IFNAME" in o for o in docker["run_options"])
+    for t in gpu_types:
+        assert t["node_config"]["LaunchTemplate"]["LaunchTemplateName"] and t["node_config"]["Placement"]["GroupName"]
 
 
 def test_slurm_script_is_valid_bash_and_runs_vitscale():
@@ -118,6 +141,12 @@ def test_slurm_script_is_valid_bash_and_runs_vitscale():
     text = script.read_text().replace("\\\n", " ")  # join continued lines
     assert "ray start --head" in text and "--dashboard-host=127.0.0.1" in text
     assert "export RAY_AUTH_MODE=token" in text
+    # NCCL's network is chosen before the first `ray start`, so every worker inherits it
+    fabric = text.index('fabric="${VITSCALE_FABRIC:-auto}"')
+    assert fabric < text.index("ray start --head")
+    for setting in ("export NCCL_SOCKET_IFNAME=", "export NCCL_DEBUG=", "export FI_PROVIDER=efa", "/opt/amazon/ofi-nccl/lib",
+                    "export NCCL_IB_DISABLE=1"):
+        assert fabric < text.index(setting) < text.index("ray start --head"), setting
     run = re.search(r"^vitscale (\w+) \"\$config\"(.*)$", text, re.M)
     assert run and run.group(1) in _commands()
     # the --set overrides it adds are config keys (replace() re-validates and rejects unknown keys)
@@ -156,15 +185,77 @@ def test_mlflow_deployments_use_postgres_s3_and_basic_auth():
     assert deploy["envFrom"][0]["secretRef"]["name"] == "mlflow-server"
 
 
-def test_dockerfile_installs_vitscale():
+def _dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S*)$", (INFRA / "Dockerfile").read_text(), re.M))
+
+
+def test_dockerfile_installs_vitscale_with_a_cuda_12_and_an_efa_variant():
     text = (INFRA / "Dockerfile").read_text()
-    assert re.search(r"^FROM ", text, re.M)
+    stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
+    assert [name for _, name in stages] == ["base", "efa", "plain"]  # a plain `docker build` is the last
+    assert stages[1][0] == stages[2][0] == "base"
     assert "COPY pretrain" in text and "COPY pipelines" in text and "pip install --no-cache-dir ." in text
     assert "vitscale --help" in text  # the build fails if the command is missing
-    pyproject = (INFRA.parent / "pyproject.toml").read_text()
-    for pin in re.findall(r'"(torch(?:vision)?==[\d.]+)"', text):
-        name, version = pin.split("==")
-        assert f'"{name}>=' in pyproject and f"<={version}" in pyproject
+    assert "libibverbs1" in text and "ibverbs-providers" in text  # NCCL's InfiniBand transport
+    efa = text[text.index("FROM base AS efa"):text.index("FROM base AS plain")]
+    assert "efa_installer.sh -y --skip-kmod --skip-limit-conf --no-verify" in efa
+    assert "/opt/amazon/ofi-nccl/lib" in efa and "FI_PROVIDER=efa" in efa
+    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in text and _dockerfile_args()["TORCH_INDEX_URL"] == ""
+
+
+def _requirements() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((INFRA.parent / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {Requirement(r).name: Requirement(r) for r in reqs}
+
+
+def _ray_versions() -> dict[str, str]:
+    """rayVersion wherever an infra YAML names one, and the Dockerfile's RAY_VERSION."""
+    found = {}
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "rayVersion":
+                    found[where] = str(value)
+                walk(value, where)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, where)
+
+    for path in sorted(INFRA.rglob("*.yaml")):
+        for doc in _docs(path):
+            walk(doc, path.relative_to(INFRA).as_posix())
+    found["Dockerfile RAY_VERSION"] = _dockerfile_args()["RAY_VERSION"]
+    return found
+
+
+def test_one_version_story():
+    """pyproject.toml pins what infra/ deploys: Ray's minor is the rayVersion of every KubeRay YAML and
+    the image's Ray; torch and torchvision are the Makefile's and the image's; every dependency that
+    has broken its API before has an upper bound."""
+    from packaging.version import Version
+
+    reqs = _requirements()
+    versions = _ray_versions()
+    assert {"kuberay/raycluster.yaml", "kuberay/rayjob.yaml"} <= set(versions), versions
+    assert len(set(versions.values())) == 1, versions
+    ray = Version(versions["Dockerfile RAY_VERSION"])
+    spec = reqs["ray"].specifier
+    assert ray in spec, (str(spec), versions)
+    assert Version(f"{ray.major}.{ray.minor}.99") in spec  # any patch of the deployed minor ...
+    assert Version(f"{ray.major}.{ray.minor + 1}.0") not in spec  # ... and no other minor
+    assert ray.minor == 0 or Version(f"{ray.major}.{ray.minor - 1}.99") not in spec
+
+    make = dict(re.findall(r"(torch|torchvision)==([\d.]+)", (INFRA.parent / "Makefile").read_text()))
+    args = _dockerfile_args()
+    for name, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        assert args[arg] == make[name] and Version(args[arg]) in reqs[name].specifier, name
+    for name in ("torch", "torchvision", "deepspeed", "ray", "mlflow", "webdataset", "timm", "moto"):
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in reqs[name].specifier), f"{name} has no upper bound"
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -7,7 +7,9 @@ import pytest
 
 from pipelines import cli
 from pipelines.config import load_config, replace
-from pipelines.plan import make_plan, record_loader_rate, record_mfu
+from pipelines.plan import INTERCONNECTS, make_plan, model_state_bytes, record_loader_rate, record_mfu
+from pretrain.flops import BY_KEY, GPUS, PEAK_TFLOPS, accelerator_for
+from pretrain.metrics import PEAK_TFLOPS as METER_PEAKS
 
 IMAGES = 300_000_000
 NODES, GPUS_PER_NODE = 32, 8
@@ -78,7 +80,11 @@ def test_vit_l16_on_300m_images_matches_hand_arithmetic(no_measurements):
     acts = hand["depth"] * hand["tokens"] * 16 * (18 * hand["width"] + 4 * hand["mlp"])  # micro-batch 16, bf16
     assert plan["activation_bytes"] == acts
     assert plan["memory_bytes_per_gpu"] == pytest.approx(2 * P + 14 * P / N + acts, rel=1e-12)
-    assert plan["fits"] and plan["warnings"] == []
+    assert plan["fits"]
+    # the JFT recipe's 4096 over 256 GPUs leaves 16 images per GPU: the plan says so and what would do
+    (warning,) = [w for w in plan["warnings"] if not w.startswith("transfer")]
+    assert warning.startswith("micro-batch 16 (3,152 tokens per GPU per pass) is too small for good MFU")
+    assert "run on 64 GPUs at pretrain.micro_batch=64" in warning
 
 
 def test_checkpointing_and_zero3_figures(no_measurements):
@@ -134,3 +140,109 @@ def test_bad_arguments_exit_2(no_measurements, capsys, extra, key):
     args = ["plan", "vit_l16_jft", "--images", "300e6", "--nodes", "32"]
     assert cli.main(args + extra) == 2
     assert key in capsys.readouterr().err
+
+
+def _l16_jft(*overrides: str):
+    return load_config("vit_l16_jft", [f"pretrain.num_classes={CLASSES}", *overrides])
+
+
+@pytest.mark.parametrize("fabric, bus_gb, dominates", [("tcp-100g", 100 / 8, True), ("ib-ndr", 8 * 400 / 8, False),
+                                                       ("efa-p5", 3200 / 8, False), ("12.5", 8 * 12.5, False)])
+def test_gradient_traffic_beside_compute(no_measurements, fabric, bus_gb, dominates):
+    """ZeRO-2 on 32 x 8 GPUs: a reduce-scatter of the bf16 gradients and an all-gather of the parameters,
+    (N-1)/N x 2P bytes each, through the node's network (per-GPU rate x 8 GPUs per node)."""
+    plan = make_plan(_l16_jft(), IMAGES, NODES, GPUS_PER_NODE, "h100", None, 1, interconnect=fabric)
+    P, N = plan["params"], NODES * GPUS_PER_NODE
+    one = (N - 1) / N * 2 * P / (bus_gb * 1e9)
+    compute = 16 * 6 * plan["macs_per_image"] / (989e12 * 0.40)  # micro-batch 16, accumulation 1
+    assert plan["grad_bytes"] == 2 * P and plan["bus_gb_per_s"] == pytest.approx(bus_gb)
+    assert plan["compute_s"] == pytest.approx(compute, rel=1e-12)
+    assert plan["comm_s"] == pytest.approx(2 * one, rel=1e-12)
+    # the reduce-scatter hides behind the backward (2/3 of the compute); the all-gather follows the step
+    assert plan["hidden_comm_s"] == pytest.approx(min(one, 2 / 3 * compute), rel=1e-12)
+    assert plan["step_s"] == pytest.approx(compute + 2 * one - min(one, 2 / 3 * compute), rel=1e-12)
+    assert plan["images_per_s_with_comm"] == pytest.approx(plan["images_per_s"] * compute / plan["step_s"])
+    assert any(w.startswith("communication dominates") for w in plan["warnings"]) == dominates
+
+
+def test_all_reduce_zero3_and_one_node(no_measurements):
+    plan = make_plan(_l16_jft("pretrain.zero_stage=1"), IMAGES, 4, 8, "a100", 0.5, 1, interconnect="ib-hdr")
+    P, N = plan["params"], 32
+    assert plan["bus_gb_per_s"] == 8 * 200 / 8 and "all-reduce" in plan["comm_pattern"]
+    assert plan["comm_s"] == pytest.approx(2 * (N - 1) / N * 2 * P / 200e9, rel=1e-12)
+    cfg = _l16_jft("pretrain.zero_stage=3", "model.act_checkpoint=true", "pretrain.micro_batch=32",
+                  "pretrain.workers=32")
+    plan = make_plan(cfg, IMAGES, 4, 8, "h100", None, 1, interconnect="ib-ndr")
+    accum = 4096 // (32 * 32)
+    # per micro-batch: gathers for the forward, the backward and the recomputation, one reduce-scatter
+    assert plan["comm_s"] == pytest.approx(accum * 4 * (N - 1) / N * 2 * P / 400e9, rel=1e-12)
+    assert plan["exposed_comm_s"] == max(0.0, plan["comm_s"] - plan["compute_s"])
+    one_node = make_plan(_l16_jft(), IMAGES, 1, 8, "h200", None, 1, interconnect="tcp-25g")
+    assert one_node["bus_gb_per_s"] == BY_KEY["h200"].nvlink_gbs  # no network inside one node
+
+
+def test_transfer_memory_and_time_per_cell(no_measurements):
+    """ViT-L/16 fine-tuned at 384 px (577 tokens, no pre-logits), SGD with momentum under ZeRO-2 over
+    transfer.workers ranks; each cell is the paper's steps at transfer.batch."""
+    cfg = _l16_jft("transfer.workers=8", "transfer.micro_batch=16", "transfer.datasets=[cifar10, pets]")
+    t = make_plan(cfg, IMAGES, NODES, GPUS_PER_NODE, "h100", None, 1)["transfer"]
+    d, depth, m, tokens = 1024, 24, 4096, (384 // 16) ** 2 + 1
+    assert t["tokens"] == tokens and t["micro_batch"] == 16 and t["grad_accum"] == 512 // (16 * 8)
+    P = t["params"]  # 37 classes at most (pets): no pre-logits, head of 1024 x 37
+    assert t["model_state_bytes"] == pytest.approx(P * (2 + (2 + 8) / 8), rel=1e-12)
+    assert t["activation_bytes"] == depth * tokens * 16 * (18 * d + 4 * m)
+    assert t["memory_bytes_per_gpu"] == t["model_state_bytes"] + t["activation_bytes"] and t["fits"]
+    rows = {r["dataset"]: r for r in t["rows"]}
+    assert rows["cifar10"]["steps"] == 10_000 and rows["pets"]["steps"] == 500
+    assert rows["cifar10"]["cells"] == 5  # four LRs on the dev split, then the retrain on train + dev
+    from pretrain.model import ViT, ViTConfig, macs_per_image
+
+    vit = ViTConfig.from_variant("L/16", num_classes=10, img_size=384)
+    per_cell = 10_000 * 512 * 6 * macs_per_image(vit) / (8 * 989e12 * 0.40)
+    assert rows["cifar10"]["cell_s"] == pytest.approx(per_cell, rel=1e-12)
+    assert t["gpu_hours"] == pytest.approx(sum(r["cells"] * r["cell_s"] * 8 for r in rows.values()) / 3600)
+    with __import__("torch").device("meta"):
+        assert P == sum(q.numel() for q in ViT(ViTConfig.from_variant("L/16", num_classes=37, img_size=384)).parameters())
+
+    too_big = make_plan(_l16_jft("transfer.workers=1", "transfer.micro_batch=null"), IMAGES, NODES, GPUS_PER_NODE, "h100", None, 1)
+    assert any(w.startswith("transfer:") and "transfer.micro_batch" in w for w in too_big["warnings"])
+
+
+def test_model_state_formula_by_optimizer():
+    P, N = 1000, 10
+    assert [model_state_bytes(P, N, k, "bf16") for k in range(4)] == pytest.approx(
+        [16 * P, 4 * P + 12 * P / N, 2 * P + 14 * P / N, 16 * P / N])
+    assert [model_state_bytes(P, N, k, "bf16", "sgd") for k in range(4)] == pytest.approx(
+        [12 * P, 4 * P + 8 * P / N, 2 * P + 10 * P / N, 12 * P / N])
+    assert [model_state_bytes(P, N, k, "fp32") for k in range(4)] == pytest.approx(
+        [16 * P, 8 * P + 8 * P / N, 4 * P + 12 * P / N, 16 * P / N])
+
+
+def test_one_peak_table_for_the_meter_the_benches_and_the_plan(no_measurements):
+    assert METER_PEAKS is PEAK_TFLOPS
+    for g in GPUS:
+        assert accelerator_for(f"NVIDIA {g.device_name} 80GB HBM3") is g
+        plan = make_plan(_l16_jft(), IMAGES, 1, 8, g.key, 0.5, 1)
+        assert plan["peak_tflops"] == g.bf16_tflops and plan["gpu_memory_bytes"] == g.memory_gb * 1e9
+    assert accelerator_for("NVIDIA H100 PCIe").key == "h100-pcie"
+    assert make_plan(_l16_jft("pretrain.precision=fp32"), IMAGES, 1, 8, "a100", 0.5, 1)["peak_tflops"] == 156.0
+
+
+def test_cli_network_warning_and_transfer_memory(no_measurements, capsys):
+    """The issue's two commands: TCP warns that communication dominates, InfiniBand NDR does not; both
+    print the transfer stage's memory per GPU."""
+    args = ["plan", "vit_l16_jft", "--images", "300e6", "--nodes", "32", "--gpus-per-node", "8", "--gpu", "h100"]
+    outs = {}
+    for fabric in ("tcp-100g", "ib-ndr"):
+        assert cli.main(args + ["--interconnect", fabric]) == 0
+        outs[fabric] = capsys.readouterr().out
+    assert "! communication dominates" in outs["tcp-100g"]
+    assert "communication dominates" not in outs["ib-ndr"]
+    for out in outs.values():
+        assert "Transfer (fine-tuning at 384 px" in out and "memory per GPU: model states" in out
+        assert "! micro-batch 16 (3,152 tokens per GPU per pass) is too small" in out
+    assert f"Network (tcp-100g: {INTERCONNECTS['tcp-100g'].what}; given)" in outs["tcp-100g"]
+    assert cli.main(args) == 0
+    assert "Network (ib-ndr" in (out := capsys.readouterr().out) and "assumed: pass --interconnect" in out
+    assert cli.main(args + ["--interconnect", "fast"]) == 2
+    assert "--interconnect fast" in capsys.readouterr().err

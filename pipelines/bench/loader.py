@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import socket
 import statistics
@@ -33,7 +34,6 @@ import time
 import uuid
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -224,6 +224,7 @@ def parse(rest: list[str]) -> argparse.Namespace:
     ap.add_argument("--node-rate", type=float, default=30000.0, help="images/s one training node consumes")
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--dir", default=None, help="where to write the images (default: a temporary directory)")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the rates to PATH (JSON)")
     ap.add_argument("--s3", nargs="?", const="", default=None, metavar="s3://BUCKET/PREFIX",
                     help="compare the shards on local disk with the same shards streamed from S3: a loopback "
                          "moto server started for the run, or under PREFIX on the store AWS_* points at")
@@ -233,7 +234,7 @@ def parse(rest: list[str]) -> argparse.Namespace:
     return opts
 
 
-def main(args: SimpleNamespace) -> int:
+def main(args: argparse.Namespace) -> int:
     opts = parse(list(getattr(args, "rest", []) or []))
     torch.set_num_threads(1)  # per core: one thread in this process (loader workers use one each anyway)
     with tempfile.TemporaryDirectory(dir=opts.dir) as tmp, contextlib.ExitStack() as stack:
@@ -265,7 +266,16 @@ def main(args: SimpleNamespace) -> int:
     print(f"{'ratio':34s}{rate_a / rate_b:19.2f}x   (target >= {target}x)")
     print(f"decode only, per core: Pillow {pil:.0f}/s, torchvision.io.decode_jpeg {tv:.0f}/s "
           f"({tv / pil:.2f}x)")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"images_per_s_per_core": dict(rates), "decode_pillow": pil,
+                                               "decode_torchvision": tv, "cpu_count": os.cpu_count()}, indent=1))
     need = opts.node_rate / opts.gpus_per_node
     print(f"a {opts.gpus_per_node}-GPU ViT-B/16 node at {opts.node_rate:,.0f} images/s needs {need:,.0f} per GPU: "
           f"{need / rate_a:.1f} cores per GPU with {short[0]}, {need / rate_b:.1f} with {short[1]}")
     return 0
+
+
+if __name__ == "__main__":  # infra/bench-gpu.sh runs it without the rest of the command's packages
+    import sys
+
+    sys.exit(main(argparse.Namespace(rest=sys.argv[1:])))

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.config import ModelConfig
 from pretrain.convert import timm_model_args, to_timm
+from pretrain.engine import vit_config
 from pretrain.errors import InputError
 from pretrain.model import ViT, ViTConfig
 
@@ -26,7 +28,7 @@ def parse_case(case: str) -> ViTConfig:
     """``"S/16@224"`` -> the ViTConfig of that variant at that image size (1000 classes)."""
     variant, _, size = case.partition("@")
     try:
-        return ViTConfig.from_variant(variant, img_size=int(size or 224), num_classes=1000)
+        return vit_config(ModelConfig(variant=variant, img_size=int(size or 224)), num_classes=1000)
     except ValueError as e:
         raise InputError(f"bench case {case!r}: {e} (expected VARIANT/PATCH@PIXELS, e.g. S/16@224)") from None
 

@@ -8,7 +8,7 @@ DeepSpeed's buffers), beside the ZeRO paper's formulas for mixed-precision Adam:
 2P + 14P/N, 16P/N bytes.
 
 GPU (``--gpu``): one process, one GPU, ViT-B/16 and L/16 in bf16 at 224 px, MFU against the card's
-bf16 dense peak (H100/H200 989, A100 312 TFLOP/s). Uses DeepSpeed when it is importable, else plain
+bf16 dense peak (``pretrain/flops.py``'s table). Uses DeepSpeed when it is importable, else plain
 PyTorch, and says which. Needs only torch (and deepspeed), not the rest of the project's packages::
 
     python -m pipelines.bench.train --gpu                   # eager, about 2 minutes on an H100
@@ -16,19 +16,21 @@ PyTorch, and says which. Needs only torch (and deepspeed), not the rest of the p
     python -m pipelines.bench.train --gpu --compile all     # ... and the whole model compiled
     python -m pipelines.bench.train --gpu --compile on --profile 3   # ... and where the device time goes
 
-``infra/bench-gpu.sh`` runs the sequence we measure a GPU machine with.
+``infra/bench-gpu.sh`` runs the sequence we measure a GPU machine with; ``--json PATH`` keeps each case's
+figures for its summary table.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import itertools
+import json
 import os
 import socket
 import sys
 import time
-import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -36,11 +38,13 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from pretrain.engine import (build_engine, compile_blocks, import_deepspeed, init_distributed, param_groups,
-                             train_step)
+from pipelines.plan import model_state_bytes
+from pretrain.config import ModelConfig, PretrainConfig
+from pretrain.engine import build_engine, init_distributed, param_groups, train_step, vit_config
 from pretrain.errors import InputError
-from pretrain.metrics import detect_peak_tflops, model_flops_per_image
+from pretrain.flops import detect_peak_tflops, model_flops_per_image
 from pretrain.model import ViT, ViTConfig, num_params
+from pretrain.parallelize import compile_blocks, import_deepspeed
 
 GPU_CASES = "B/16:256,L/16:128"  # variant:micro-batch; both fit an 80 GB card in bf16 without recomputation
 COMPILE_MODES = {"off": [None], "on": ["blocks"], "model": ["model"], "both": [None, "blocks"],
@@ -53,12 +57,8 @@ KERNEL_KINDS = (
     ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),  # norm_kernel: the grad-norm reduction
     ("compiled (Triton: norms, GELU, adds)", ("triton",)),
 )
-ZERO_FORMULAS = {  # bytes per parameter for stage s on N ranks (Rajbhandari et al. 2020, Fig. 1, K = 12)
-    0: ("16P", lambda n: 16.0),
-    1: ("4P + 12P/N", lambda n: 4 + 12 / n),
-    2: ("2P + 14P/N", lambda n: 2 + 14 / n),
-    3: ("16P/N", lambda n: 16 / n),
-}
+# The plan's model-state formula per ZeRO stage (Rajbhandari et al. 2020, Fig. 1, K = 12), as printed.
+ZERO_FORMULAS = {0: "16P", 1: "4P + 12P/N", 2: "2P + 14P/N", 3: "16P/N"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -90,6 +90,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="GPU mode: after each case, profile STEPS steps and print where the device time goes")
     ap.add_argument("--seconds", type=float, default=15.0, help="GPU mode: timed seconds per case")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="GPU mode: also write each case's figures to PATH (a JSON list, rewritten after every case)")
+    # torch.compile's backend for --compile; "eager" traces with dynamo but generates no kernels (CPU tests)
+    ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the GPU path on CPU, for tests
     o = ap.parse_args(argv)
     if o.stage is None:
@@ -107,12 +111,18 @@ def main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _pretrain_slice(batch: int, world: int, stage: int, precision: str, use_gpu: bool, **deepspeed) -> types.SimpleNamespace:
-    """A ``pretrain`` config slice for one optimizer step per micro-batch (no accumulation)."""
-    return types.SimpleNamespace(
-        global_batch=batch * world, micro_batch=batch, steps=10**6, lr=1e-4, betas=(0.9, 0.999),
-        weight_decay=0.1, warmup_steps=1, schedule="linear", grad_clip=1.0, precision=precision,
-        zero_stage=stage, use_gpu=use_gpu, deepspeed=deepspeed)
+def _pretrain_slice(batch: int, world: int, stage: int, precision: str, use_gpu: bool, **deepspeed) -> PretrainConfig:
+    """The ``pretrain`` slice of a run with one optimizer step per micro-batch (no accumulation); the
+    rest (betas, weight decay, clipping, schedule) is the config's defaults, as pretraining has them."""
+    return dataclasses.replace(
+        PretrainConfig(), workers=world, global_batch=batch * world, micro_batch=batch, steps=10**6, lr=1e-4,
+        warmup_steps=1, precision=precision, zero_stage=stage, use_gpu=use_gpu, deepspeed=deepspeed)
+
+
+def _vit(variant: str, img_size: int) -> ViTConfig:
+    """The model a ``model`` slice of this variant and size describes (1000 classes), built the way
+    pretraining builds it."""
+    return vit_config(dataclasses.replace(ModelConfig(), variant=variant, img_size=img_size), num_classes=1000)
 
 
 def _free_port() -> int:
@@ -207,7 +217,7 @@ def _rank_main(rank: int, world: int, port: int, o: argparse.Namespace, results)
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)  # one core per rank: the CPU's stand-in for one device per rank
     info = init_distributed(use_gpu=False)
-    vit = ViTConfig.from_variant(o.variant, num_classes=1000, img_size=o.img)
+    vit = _vit(o.variant, o.img)
     if not o.no_memory:
         for stage in ZERO_FORMULAS:
             results.put(("memory", rank, stage, _model_state_bytes(vit, stage, world, 2)))
@@ -259,7 +269,7 @@ def cpu_matmul_peak_tflops(size: int = 1024, seconds: float = 1.0) -> float:
 def cpu_main(o: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
-    vit = ViTConfig.from_variant(o.variant, num_classes=1000, img_size=o.img)
+    vit = _vit(o.variant, o.img)
     flops = model_flops_per_image(vit)
     peak = o.peak_tflops or cpu_matmul_peak_tflops()
     results = mp.get_context("spawn").SimpleQueue()
@@ -293,9 +303,9 @@ def _print_memory(vit: ViTConfig, world: int, rows: list) -> None:
     print(f"\nmodel-state memory per rank, bf16 + fp32 AdamW, P = {params / 1e6:.2f} M, N = {world} "
           f"(measured: live tensor storage after a backward pass, largest rank)")
     print(f"{'ZeRO':6s}{'measured MiB':>14s}{'formula':>14s}{'formula MiB':>13s}{'ratio':>8s}")
-    for stage, (text, per_param) in ZERO_FORMULAS.items():
+    for stage, text in ZERO_FORMULAS.items():
         measured = max(r[3] for r in rows if r[2] == stage)
-        expected = per_param(world) * params
+        expected = model_state_bytes(params, world, stage, "bf16")
         print(f"{stage:<6d}{measured / mib:14.1f}{text:>14s}{expected / mib:13.1f}{measured / expected:8.2f}")
 
 
@@ -330,10 +340,13 @@ def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str],
     torch.manual_seed(0)
     model = ViT(vit).to(device).train()
     mode = None if o.compile_mode == "default" else o.compile_mode
-    if compiled == "blocks":  # as the pretraining loop does: compile, then the DeepSpeed wrap
+    if compiled == "blocks" and o.compile_backend == "inductor":  # as pretraining does: compile, then wrap
         compile_blocks(model, mode)
+    elif compiled == "blocks":
+        for block in model.blocks:
+            block.compile(backend=o.compile_backend)
     elif compiled == "model":
-        model.compile(mode=mode)
+        model.compile(mode=mode, backend=o.compile_backend)
     batches = _batches(vit, batch, device)
     if use_ds:
         engine = build_engine(model, _pretrain_slice(batch, 1, o.stage, o.precision, device.type == "cuda"), 1)
@@ -445,10 +458,11 @@ def gpu_main(o: argparse.Namespace) -> int:
         print(f"torch.compile mode: {o.compile_mode}; attention kernel: {o.attention}")
     print(f"{'case':22s}{'batch':>6s}{'images/s':>10s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak mem GiB':>13s}")
     modes = COMPILE_MODES[o.compile]
+    records = []
     for case in o.cases.split(","):
         variant, _, batch_text = case.strip().partition(":")
         try:
-            vit = ViTConfig.from_variant(variant, num_classes=1000, img_size=o.img)
+            vit = _vit(variant, o.img)
             batch = int(batch_text or 64)
         except ValueError as e:
             raise InputError(f"--cases {case!r}: {e} (expected VARIANT:BATCH, e.g. L/16:128)") from None
@@ -458,6 +472,13 @@ def gpu_main(o: argparse.Namespace) -> int:
                 r = _fitting(vit, batch, use_ds, compiled, o, device)
             mfu = f"{r.tflops / peak:7.1%}" if peak else f"{'-':>7s}"
             print(f"{label:22s}{r.batch:6d}{r.img_s:10.1f}{r.tflops:9.1f}{mfu}{r.mem_gib:13.1f}", flush=True)
+            records.append({"case": label, "variant": variant, "batch": r.batch, "img_per_s": r.img_s,
+                            "tflops": r.tflops, "mfu": r.tflops / peak if peak else None, "mem_gib": r.mem_gib,
+                            "engine": f"deepspeed zero-{o.stage}" if use_ds else "torch", "device": name,
+                            "torch": torch.__version__})
+            if o.json:  # after every case: a step stopped at its time limit keeps what it finished
+                with open(o.json, "w") as f:
+                    json.dump(records, f, indent=1)
             for line in r.profile:
                 print(line, flush=True)
             gc.collect()
