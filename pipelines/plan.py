@@ -189,7 +189,7 @@ def transfer_plan(cfg: Config, gpu: str, peak: float, mfu: float, cluster_gpus: 
     vcfg, model = _model(model_cfg, biggest)
     params = num_params(model)
     states = model_state_bytes(params, workers, p.zero_stage, p.precision, optimizer="sgd")
-    acts = activation_bytes(vcfg.num_tokens, micro, vcfg.width, vcfg.mlp, vcfg.depth, vcfg.act_checkpoint,
+    acts = activation_bytes(vcfg.num_tokens, micro, vcfg.width, vcfg.mlp, vcfg.depth, cfg.model.act_checkpoint,
                             p.precision)
     memory = states + acts
     limit = BY_KEY[gpu].memory_gb * 1e9
@@ -244,7 +244,7 @@ def make_plan(cfg: Config, images: int, nodes: int, gpus_per_node: int, gpu: str
     params = num_params(model)
     macs = macs_per_image(vcfg)
     flops_per_image = model_flops_per_image(vcfg)  # MFU counts model FLOPs: the recomputation is not work done
-    hardware_flops = hardware_flops_per_image(vcfg, vcfg.act_checkpoint)
+    hardware_flops = hardware_flops_per_image(vcfg, cfg.model.act_checkpoint)
     gpus = nodes * gpus_per_node
     gpu_memory = accel.memory_gb * 1e9
     peak = p.peak_tflops or accel.peak_tflops(p.precision)
@@ -260,17 +260,17 @@ def make_plan(cfg: Config, images: int, nodes: int, gpus_per_node: int, gpu: str
     bytes_per_image = jpeg_bytes(s.image_size, s.quality, s.resize_mode) + TAR_BYTES_PER_SAMPLE
     states = {k: model_state_bytes(params, gpus, k, p.precision) for k in range(4)}
     acts = activation_bytes(vcfg.num_tokens, p.micro_batch, vcfg.width, vcfg.mlp, vcfg.depth,
-                            vcfg.act_checkpoint, p.precision)
+                            cfg.model.act_checkpoint, p.precision)
     memory = states[p.zero_stage] + acts
     accum = p.global_batch / (p.micro_batch * gpus)
     per_image_act = activation_bytes(vcfg.num_tokens, 1, vcfg.width, vcfg.mlp, vcfg.depth,
-                                     vcfg.act_checkpoint, p.precision)  # linear in the micro-batch
+                                     cfg.model.act_checkpoint, p.precision)  # linear in the micro-batch
     max_micro = max(0, int((gpu_memory - states[p.zero_stage]) // per_image_act))
 
     steps_accum = max(1, round(accum))
     compute_s = steps_accum * p.micro_batch * flops_per_image / (peak * 1e12 * mfu)
     comm = communication(params, gpus, nodes, gpus_per_node, p.zero_stage, p.precision, steps_accum,
-                         vcfg.act_checkpoint, net_gb, accel.nvlink_gbs, compute_s)
+                         cfg.model.act_checkpoint, net_gb, accel.nvlink_gbs, compute_s)
     tokens_per_micro = vcfg.num_tokens * p.micro_batch
     transfer = transfer_plan(cfg, gpu, peak, mfu, gpus)
 
@@ -315,7 +315,7 @@ def make_plan(cfg: Config, images: int, nodes: int, gpus_per_node: int, gpu: str
         "classes_source": "config" if p.num_classes else "assumed",
         "params": params, "macs_per_image": macs, "train_flops_per_image": flops_per_image,
         "hardware_flops_per_image": hardware_flops,
-        "act_checkpoint": vcfg.act_checkpoint, "precision": p.precision,
+        "act_checkpoint": cfg.model.act_checkpoint, "precision": p.precision,
         "gpu": gpu, "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus,
         "peak_tflops": peak, "peak_source": "config" if p.peak_tflops else "data sheet",
         "mfu": mfu, "mfu_source": mfu_source,

@@ -252,6 +252,8 @@ def read_export_config(path: Union[str, Path]) -> ViTConfig:
     section = data.get("vitscale") if isinstance(data, dict) else None
     if not isinstance(section, dict):
         raise InputError(f"{file}: no 'vitscale' section (not written by save_safetensors)")
+    # Exports written before checkpointing moved out of the model recorded it; it was never architecture.
+    section = {k: v for k, v in section.items() if k != "act_checkpoint"}
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(section) - fields)
     if unknown:

@@ -55,7 +55,6 @@ class ViTConfig:
     representation_size: Optional[int] = None  # the paper's pre-logits layer (tanh), pretraining only
     dropout: float = 0.0
     drop_path: float = 0.0
-    act_checkpoint: bool = False
     in_chans: int = 3
 
     @classmethod
