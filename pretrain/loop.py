@@ -78,7 +78,7 @@ def train(job: TrainJob, *, run_id: Optional[str] = None, tracking_uri: Optional
                                  label_key=cfg.label_key, augment=cfg.augment, num_classes=num_classes,
                                  multi_label=multi) if held[0] else None
         fewshot = FewshotProbe(cfg.fewshot, model_cfg.img_size, job.data_root, seed, cfg.augment) if cfg.fewshot.datasets else None
-        meter = Meter(model_flops_per_image(vit), world, cfg.peak_tflops or detect_peak_tflops(info.device),
+        meter = Meter(model_flops_per_image(vit), world, cfg.peak_tflops or detect_peak_tflops(info.device, cfg.precision),
                       hardware_flops_per_image(vit, model_cfg.act_checkpoint))
         metrics: dict[str, float] = {}
         losses: list[torch.Tensor] = []
