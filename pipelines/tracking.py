@@ -135,6 +135,4 @@ def _create_run(client, cfg: Config, stage: str, parent_run_id: Optional[str], t
     except (MlflowException, OSError) as e:
         log.warning("MLflow unreachable at %s (%s: %s); the %s stage runs without an MLflow run",
                     redact(client.tracking_uri), type(e).__name__, redact(str(e)[:200]), stage)
-        print(f"[vitscale] {stage}: MLflow unreachable at {redact(client.tracking_uri)}; running without an MLflow run",
-              flush=True)
         return None

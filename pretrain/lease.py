@@ -99,7 +99,6 @@ class Lease:
                 raise LeaseHeld(f"{self.root}: in use by {describe(holder)} (lease {self.path}); wait for it "
                                 "to finish or stop it, or write to another folder")
             log.warning("%s: taking over the lease of %s: %s", self.root, describe(holder), reason)
-            print(f"[vitscale] {self.root}: taking over the lease of {describe(holder)}: {reason}", flush=True)
             storage.write_bytes(self.path, self._record())
             mine = storage.read_json_or_none(self.path)
             if mine and mine.get("token") == self.token:

@@ -50,7 +50,7 @@ def root(request, tmp_path):
     return f"{request.getfixturevalue('s3_bucket')}/root"
 
 
-def test_second_holder_is_refused_and_a_killed_holders_lease_is_taken_over(root, capsys):
+def test_second_holder_is_refused_and_a_killed_holders_lease_is_taken_over(root, caplog):
     holder = _holder(root)
     try:
         with pytest.raises(LeaseHeld, match=rf"in use by vitscale pretrain on host {socket.gethostname()} "
@@ -58,8 +58,8 @@ def test_second_holder_is_refused_and_a_killed_holders_lease_is_taken_over(root,
             Lease(root, "second").acquire()
     finally:
         _kill(holder)
-    with Lease(root, "rerun") as lease:
-        assert f"its process {holder.pid} is gone" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="pretrain.lease"), Lease(root, "rerun") as lease:
+        assert f"its process {holder.pid} is gone" in caplog.text
         record = storage.read_json(storage.join(root, LEASE))
         assert record["token"] == lease.token and record["pid"] == os.getpid()
         with Lease(root, "nested"):  # one process, nested blocks: the outer lease covers both
@@ -68,24 +68,24 @@ def test_second_holder_is_refused_and_a_killed_holders_lease_is_taken_over(root,
     assert not storage.exists(storage.join(root, LEASE))  # released
 
 
-def test_killed_holder_takeover_is_announced(tmp_path, capsys):
+def test_killed_holder_takeover_is_announced(tmp_path, caplog):
     root = str(tmp_path / "root")
     holder = _holder(root)
     _kill(holder)
-    with Lease(root, "rerun"):
-        out = capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="pretrain.lease"), Lease(root, "rerun"):
+        out = caplog.text  # a warning, through logging
     assert f"taking over the lease of vitscale pretrain on host {socket.gethostname()} pid {holder.pid}" in out
     assert f"its process {holder.pid} is gone" in out
 
 
-def test_stale_heartbeat_from_another_host_is_taken_over(tmp_path, capsys):
+def test_stale_heartbeat_from_another_host_is_taken_over(tmp_path, caplog):
     root = tmp_path / "root"
     root.mkdir()
     old = time.time() - 3600
     (root / LEASE).write_text(json.dumps({"what": "vitscale shard", "host": "node-that-died", "pid": 1,
                                           "start": old, "heartbeat": old, "token": "x"}))
-    with Lease(str(root), "rerun"):
-        assert "no heartbeat for" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="pretrain.lease"), Lease(str(root), "rerun"):
+        assert "no heartbeat for" in caplog.text
     (root / LEASE).write_text(json.dumps({"what": "vitscale shard", "host": "busy-node", "pid": 1,
                                           "start": old, "heartbeat": time.time(), "token": "y"}))
     with pytest.raises(LeaseHeld, match="in use by vitscale shard on host busy-node pid 1"):
@@ -123,7 +123,7 @@ def test_second_vitscale_shard_and_pretrain_exit_2_naming_the_holder(ray_local, 
             server.release()
         assert cli(args) == 0  # the rerun takes the dead run's lease over and finishes
         out = capsys.readouterr()
-        assert f"taking over the lease of vitscale shard on host {socket.gethostname()} pid {first.pid}" in out.out
+        assert f"taking over the lease of vitscale shard on host {socket.gethostname()} pid {first.pid}" in out.err
 
     holder = _holder(str(tmp_path / "wd" / "checkpoints"))
     try:
