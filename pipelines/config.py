@@ -14,7 +14,8 @@ from typing import Any, Callable, Literal, Optional
 import yaml
 
 from pretrain.config import (AugmentConfig, ConfigError, FewshotConfig, ModelConfig, PretrainConfig,
-                             TrainJob, TransferConfig, build, check_label_key, did_you_mean, to_dict)
+                             TrainJob, TransferConfig, VARIANTS, build, check_label_key, did_you_mean,
+                             parse_variant, to_dict)
 from pretrain.redact import redact
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -235,7 +236,6 @@ def validate(cfg: Config) -> None:
             "blocks into pieces (use zero_stage 0 to 2, or model.compile: false)")
     if not 0 <= m.dropout < 1 or not 0 <= m.drop_path < 1:
         bad(f"model.dropout / model.drop_path: must be in [0, 1), got {m.dropout} / {m.drop_path}")
-    from pretrain.model import VARIANTS, parse_variant  # noqa: PLC0415  (pretrain never imports us)
 
     try:
         name, patch = parse_variant(m.variant)

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.sources import PLAN_COLUMNS, Table, parquet_file, PlanWriter
 
-BUCKET_ROWS = 1 << 20  # rows of one bucket: what pass 2 holds in memory (~100 MB of paths)
+BUCKET_ROWS = 1 << 19  # rows of one bucket: what pass 2 holds in memory (~150 MB with its Arrow copies)
 BATCH_ROWS = 1 << 16
 _PASS_1, _PASS_2 = 1, 2  # seed streams of the two passes, kept apart
 

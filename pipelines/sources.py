@@ -5,6 +5,8 @@ shard tasks read by row range, plus the label names (the id map).
   scanned once, in batches, for the label names.
 - ``.csv`` / ``.tsv`` / ``.jsonl`` (optionally compressed) and a folder of class subfolders are
   streamed once into a *plan* parquet with one row group per shard, so a task reads just its own.
+  CSV and JSONL are parsed by pyarrow, a block at a time, and checked column-wise: the driver does no
+  Python work per row (but for the few lines pyarrow refuses, read line by line for their reasons).
 
 Nothing here holds more than one batch of rows (or one shard's rows) at a time; what grows with the
 index is only the set of distinct labels, capped at ``MAX_CLASSES``.
@@ -39,7 +41,17 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
                   ".jsonl": "jsonl", ".ndjson": "jsonl"}
 PLAN_COLUMNS = ("path", "label", "error")
+JSONL_CHUNK = 8 << 20  # bytes of whole lines read by pyarrow at a time
+JSONL_LINES = 64  # a piece pyarrow refuses with at most this many lines is read line by line
 _INT = re.compile(r"-?[0-9]+")
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*(?=\n)")  # these start with a literal: quick to search
+_BLANK_FIRST = re.compile(rb"[ \t\r]*\n")
+_NULL_LINE = re.compile(rb"\n[ \t\r]*null[ \t\r]*(?:\n|$)")
+_NULL_FIRST = re.compile(rb"[ \t\r]*null[ \t\r]*(?:\n|$)")
+_ROW = re.compile(r" in row ([0-9]+)$")  # where pyarrow's JSON reader stopped
+_MISSING = "bad_label: missing label"
+_EMPTY_NAME = "bad_label: expected an integer or a string, got str ''"
+_EMPTY_LIST = "bad_label: expected an integer or a string, got list []"
 
 
 @dataclass(frozen=True)
@@ -299,12 +311,6 @@ def _walk_folder(fs, root: str) -> Iterator[tuple[str, str, dict]]:
                 yield rel, label, found[name]
 
 
-def _open_text(source: str):
-    import fsspec
-
-    return fsspec.open(source, "rt", compression="infer", encoding="utf-8", newline="")
-
-
 def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: PlanWriter,
                 labels: _LabelCollector) -> None:
     """Column-wise, batch by batch: no Python work per row, only per distinct label of a batch. A row
@@ -348,37 +354,259 @@ def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: PlanWri
 
 
 def _stream_jsonl(source: str, shard: ShardConfig, writer: PlanWriter, labels: _LabelCollector) -> None:
-    kind: Optional[type] = None
-    with _open_text(source) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """Chunk by chunk through pyarrow's JSON reader: no Python work per row, only per distinct label of
+    a chunk (as for CSV). Where pyarrow refuses a line (not JSON, a label of another type than its
+    neighbours'), the rows around it are still read by pyarrow; only such lines (and, where they come
+    thick, the lines near them) are read one by one, with their line number, by the same rules."""
+    import fsspec
+
+    import pyarrow as pa
+
+    reader = _JsonlReader(source, shard, writer, labels)
+    with fsspec.open(source, "rb", compression="infer") as f:
+        for data, line in _line_chunks(f, JSONL_CHUNK):
+            reader.piece(data, line)
+    pa.default_memory_pool().release_unused()  # the parser's buffers: the shuffle next needs the room
+
+
+def _line_chunks(f, size: int) -> Iterator[tuple[bytes, int]]:
+    """(whole lines of about ``size`` bytes, the number of their first line) from a binary file."""
+    line, rest = 1, b""
+    while True:
+        data = f.read(size)
+        buf = rest + data if rest else data
+        cut = buf.rfind(b"\n") + 1 if data else len(buf)  # a line longer than size waits for the next read
+        if cut:
+            yield buf[:cut], line
+            line += buf.count(b"\n", 0, cut)
+        rest = buf[cut:]
+        if not data:
+            return
+
+
+class _JsonlReader:
+    """The rows of a JSONL index into a plan. A line is an object; its path cell a string (else the row
+    has no path); its label cell an id, a name or a list of them (then the index is multi-label), of the
+    kind of the index's first valid label. A row breaking these rules keeps its path and gets the reason."""
+
+    def __init__(self, source: str, shard: ShardConfig, writer: PlanWriter, labels: _LabelCollector):
+        self.source, self.path_column, self.label_column = source, shard.path_column, shard.label_column
+        self.writer, self.labels = writer, labels
+        self.kind: Optional[type] = None  # int or str, from the index's first valid label
+        self.label_type = None  # arrow type of the labels so far: read as that, the other fields skipped
+
+    def piece(self, data: bytes, line: int) -> None:
+        """Add the rows of ``data``, whole lines of which the first is line ``line``."""
+        if _NULL_FIRST.match(data) or _NULL_LINE.search(data):
+            # json.loads refuses a null row; pyarrow reads it as an empty one, or crashes (pyarrow 25)
+            self._bisect(data, line)
+            return
+        table, _ = self._parse(data, self.label_type)
+        if table is None and self.label_type is not None:
+            table, _ = self._parse(data, None)  # the labels may have another type from here on
+        if table is not None and self._add_table(table):
+            return
+        if _blank_lines(data):
+            self._bisect(data, line)  # pyarrow's row numbers skip blank lines: halve instead
+        else:
+            self._scan(data, line)
+
+    def _bisect(self, data: bytes, line: int) -> None:
+        """Each half as a piece of its own, down to ``JSONL_LINES`` lines, read line by line."""
+        if data.count(b"\n") <= JSONL_LINES:
+            self._add_lines(data, line)
+            return
+        half = len(data) // 2
+        cut = (data.find(b"\n", half, len(data) - 1) + 1) or (data.rfind(b"\n", 0, half) + 1)
+        self.piece(data[:cut], line)
+        self.piece(data[cut:], line + data.count(b"\n", 0, cut))
+
+    def _scan(self, data: bytes, line: int) -> None:
+        """A piece with lines pyarrow refuses, left to right: read in one block, pyarrow stops at the
+        first of them and names its row; the rows before it are added, then it (and, where it is not
+        alone, the next few) by the row-wise rules. Each part is read about twice in all."""
+        import numpy as np
+
+        ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n")) + 1  # where each line ends
+        if not data.endswith(b"\n"):
+            ends = np.append(ends, len(data))
+        row = 0
+        while row < len(ends):
+            start = int(ends[row - 1]) if row else 0
+            label_type = self.label_type
+            table, stop = self._parse(data[start:], label_type, one_block=True)
+            if table is None and label_type is not None and not stop:
+                label_type = None
+                table, stop = self._parse(data[start:], None, one_block=True)
+            if table is not None:
+                if not self._add_table(table):
+                    self._bisect(data[start:], line + row)
+                return
+            if stop is not None and stop >= len(ends) - row:
+                stop = None  # a row past the lines: a line held two objects
+            if stop is None:  # refused, but not at a row: halve what is left
+                self._bisect(data[start:], line + row)
+                return
+            if stop:
+                head = data[start:int(ends[row + stop - 1])]
+                table, _ = self._parse(head, label_type)
+                if table is None or not self._add_table(table):
+                    self._bisect(head, line + row)
+                row += stop
+            start = int(ends[row - 1]) if row else 0
+            take = 1 if stop else min(JSONL_LINES, len(ends) - row)  # refused at its first row twice
+            self._add_lines(data[start:int(ends[row + take - 1])], line + row)
+            row += take
+
+    def _parse(self, data: bytes, label_type, one_block: bool = False) -> tuple[Any, Optional[int]]:
+        """(the lines as an arrow table, None), or (None, the row pyarrow stopped at when it says) when
+        pyarrow refuses them or reads them otherwise than ``json.loads`` line by line (two objects on a
+        line, text that is not UTF-8). ``label_type`` None: inferred, with the other fields."""
+        import pyarrow as pa
+        import pyarrow.json as pajson
+
+        fields = [(self.path_column, pa.string())] + ([(self.label_column, label_type)] if label_type else [])
+        options = pajson.ParseOptions(explicit_schema=pa.schema(fields),
+                                      unexpected_field_behavior="ignore" if label_type else "infer")
+        # One block: pyarrow stops at the first refused line, and its row number counts from the start.
+        reading = pajson.ReadOptions(block_size=len(data) + 1) if one_block else pajson.ReadOptions()
+        try:
+            table = pajson.read_json(pa.BufferReader(data), read_options=reading, parse_options=options)
+            for name in (self.path_column, self.label_column):
+                if name in table.column_names:
+                    table.column(name).validate(full=True)  # UTF-8
+        except pa.ArrowInvalid as e:
+            where = _ROW.search(str(e)) if one_block else None
+            return None, int(where.group(1)) if where else None
+        lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        if table.num_rows != lines - _blank_lines(data):
+            return None, None
+        return table, None
+
+    def _add_table(self, table) -> bool:
+        """Write a piece's rows, checked column-wise by the rules of ``_add_row``. False, with nothing
+        written, when the row-wise messages are needed: labels of the other kind than the index's, floats
+        that are not whole, booleans or objects as labels."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = table.num_rows
+        paths = table.column(self.path_column).combine_chunks()
+        cells = (table.column(self.label_column).combine_chunks() if self.label_column in table.column_names
+                 else pa.nulls(n))
+        multi = pa.types.is_list(cells.type)
+        values = cells.flatten() if multi else cells
+        if pa.types.is_floating(values.type):
+            if not pc.all(pc.fill_null(pc.equal(values, pc.floor(values)), True)).as_py():
+                return False
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                writer.add(None, None, f"bad_row: line {lineno} is not JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                writer.add(None, None, f"bad_row: line {lineno} is not an object")
-                continue
-            path = row.get(shard.path_column)
-            path = path if isinstance(path, str) else None
-            cell = row.get(shard.label_column)
-            values = [_json_label(v) for v in cell] if isinstance(cell, list) and cell else [_json_label(cell)]
-            bad = next((v for v in values if isinstance(v, Rejected)), None)
-            if bad is not None:
-                writer.add(path, None, str(bad))
-                continue
-            kind = kind or type(values[0])
-            odd = next((v for v in values if type(v) is not kind), None)
-            if odd is not None:
-                writer.add(path, None, f"bad_label: expected {_kind_name(kind)} like the index's other labels, "
-                                       f"got {_kind_name(type(odd))} {odd!r}")
-                continue
-            labels.multi = labels.multi or isinstance(cell, list)
-            writer.add(path, json.dumps(values) if isinstance(cell, list) else str(values[0]), None)
-            for value in values:
-                labels.add_int(value) if kind is int else labels.add_str(value)
+                values = values.cast(pa.int64())
+            except pa.ArrowInvalid:
+                return False
+        kind = int if pa.types.is_integer(values.type) else str if pa.types.is_string(values.type) else None
+        if kind is None and not pa.types.is_null(values.type):
+            return False
+        if multi and kind is str and pc.any(pc.match_substring_regex(values, r"[\x00-\x1f]")).as_py():
+            return False  # the label text below quotes names without escaping control characters
+
+        none = pa.scalar(None, pa.string())
+        if kind is int:
+            negative = pc.binary_join_element_wise("bad_label: negative label ", values.cast(pa.string()), "")
+            problem = pc.if_else(pc.less(values, 0), negative, none)
+        elif kind is str:
+            problem = pc.if_else(pc.equal(values, ""), _EMPTY_NAME, none)
+        else:
+            problem = pa.nulls(len(values), pa.string())
+        problem = pc.if_else(pc.is_null(values), _MISSING, problem)
+        if multi:  # a row's reason is that of its first bad element
+            rows = pc.list_parent_indices(cells).to_numpy()
+            bad = np.flatnonzero(problem.is_valid().to_numpy(zero_copy_only=False))
+            first_rows, first = np.unique(rows[bad], return_index=True)
+            pick = np.full(n, -1, np.int64)
+            pick[first_rows] = bad[first]
+            reason = problem.take(pa.array(pick, mask=pick < 0))
+            empty = pc.fill_null(pc.equal(pc.list_value_length(cells), 0), False)
+            reason = pc.if_else(pc.is_null(cells), _MISSING, pc.if_else(empty, _EMPTY_LIST, reason))
+        else:
+            reason = problem
+        valid = pc.is_null(reason)
+        any_valid = pc.any(valid).as_py()
+        if any_valid and self.kind not in (None, kind):
+            return False
+
+        if multi:
+            valid_values = pc.array_take(valid, pa.array(rows))
+            if kind is str:
+                escaped = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"), '"', '\\"')
+                texts = pc.binary_join_element_wise('"', escaped, '"', "")
+            else:
+                texts = values.cast(pa.string())
+            offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
+            joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), texts), ", ")
+            label_text = pc.binary_join_element_wise("[", joined, "]", "")  # as json.dumps writes a list
+        else:
+            valid_values = valid
+            label_text = values.cast(pa.string())
+        self.writer.add_columns(paths, pc.if_else(valid, label_text, none), reason)
+        if not any_valid:
+            return True
+        self.kind = kind
+        self.labels.multi = self.labels.multi or multi
+        if cells.type in (pa.int64(), pa.string(), pa.list_(pa.int64()), pa.list_(pa.string())):
+            self.label_type = cells.type
+        names = pc.filter(values, valid_values)
+        if kind is int:
+            self.labels.add_int(pc.max(names).as_py())
+        else:
+            for name in pc.unique(names).to_pylist():
+                self.labels.add_str(name)
+        return True
+
+    def _add_lines(self, data: bytes, line: int) -> None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = line + data.count(b"\n", 0, e.start)
+            raise InputError(f"shard.source: {self.source}: line {bad} is not UTF-8 text") from None
+        for lineno, row in enumerate(text.split("\n"), line):
+            if row.strip():
+                self._add_row(row, lineno)
+
+    def _add_row(self, line: str, lineno: int) -> None:
+        writer, labels = self.writer, self.labels
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            writer.add(None, None, f"bad_row: line {lineno} is not JSON ({e.msg})")
+            return
+        if not isinstance(row, dict):
+            writer.add(None, None, f"bad_row: line {lineno} is not an object")
+            return
+        path = row.get(self.path_column)
+        path = path if isinstance(path, str) else None
+        cell = row.get(self.label_column)
+        values = [_json_label(v) for v in cell] if isinstance(cell, list) and cell else [_json_label(cell)]
+        bad = next((v for v in values if isinstance(v, Rejected)), None)
+        if bad is not None:
+            writer.add(path, None, str(bad))
+            return
+        self.kind = self.kind or type(values[0])
+        odd = next((v for v in values if type(v) is not self.kind), None)
+        if odd is not None:
+            writer.add(path, None, f"bad_label: expected {_kind_name(self.kind)} like the index's other labels, "
+                                   f"got {_kind_name(type(odd))} {odd!r}")
+            return
+        labels.multi = labels.multi or isinstance(cell, list)
+        writer.add(path, json.dumps(values) if isinstance(cell, list) else str(values[0]), None)
+        for value in values:
+            labels.add_int(value) if self.kind is int else labels.add_str(value)
+
+
+def _blank_lines(data: bytes) -> int:
+    """Lines of ``data`` holding only whitespace (pyarrow and this reader skip them)."""
+    tail = data[data.rfind(b"\n") + 1:]
+    return len(_BLANK_LINE.findall(data)) + bool(_BLANK_FIRST.match(data)) + (bool(tail) and not tail.strip())
 
 
 def _json_label(value: Any) -> "int | str | Rejected":

@@ -9,6 +9,7 @@ Errors are ``ConfigError`` and name the full key path (``pretrain.micro_batch``)
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import types
 import typing
@@ -34,6 +35,31 @@ class ConfigError(InputError):
 
 
 # --------------------------------------------------------------------------- the core's slices
+
+# The paper's sizes (and debug ones) as a table, here rather than in model.py so that checking a config
+# (every stage's driver does) does not import torch.
+VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, mlp=768, heads=3),
+    "S": dict(width=384, depth=12, mlp=1536, heads=6),
+    "M": dict(width=512, depth=12, mlp=2048, heads=8),
+    "B": dict(width=768, depth=12, mlp=3072, heads=12),
+    "L": dict(width=1024, depth=24, mlp=4096, heads=16),
+    "H": dict(width=1280, depth=32, mlp=5120, heads=16),
+    "g": dict(width=1408, depth=40, mlp=6144, heads=16),
+    # Debug sizes for CPU tests and the laptop preset: same code path, small numbers.
+    "mu": dict(width=48, depth=2, mlp=96, heads=3),
+    "tiny": dict(width=96, depth=4, mlp=384, heads=3),
+}
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """``"B/16"`` -> ``("B", 16)``. The patch size is part of the name, as in the paper."""
+    m = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant.strip())
+    if not m or m.group(1) not in VARIANTS:
+        raise ValueError(f"{variant!r} is not NAME/PATCH with NAME in {', '.join(VARIANTS)} (e.g. 'B/16')")
+    return m.group(1), int(m.group(2))
+
+
 
 
 @dataclass(frozen=True)

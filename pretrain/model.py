@@ -7,7 +7,6 @@ Module names follow timm's ``VisionTransformer`` where they can, so ``convert.py
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -15,31 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.config import VARIANTS, parse_variant
 from pretrain.cpu_bf16 import Linear
 
 # The paper's Table 1 (Ti and S from DeiT, g from Zhai et al. "Scaling Vision Transformers").
-VARIANTS: dict[str, dict[str, int]] = {
-    "Ti": dict(width=192, depth=12, mlp=768, heads=3),
-    "S": dict(width=384, depth=12, mlp=1536, heads=6),
-    "M": dict(width=512, depth=12, mlp=2048, heads=8),
-    "B": dict(width=768, depth=12, mlp=3072, heads=12),
-    "L": dict(width=1024, depth=24, mlp=4096, heads=16),
-    "H": dict(width=1280, depth=32, mlp=5120, heads=16),
-    "g": dict(width=1408, depth=40, mlp=6144, heads=16),
-    # Debug sizes for CPU tests and the laptop preset: same code path, small numbers.
-    "mu": dict(width=48, depth=2, mlp=96, heads=3),
-    "tiny": dict(width=96, depth=4, mlp=384, heads=3),
-}
-
-
-def parse_variant(variant: str) -> tuple[str, int]:
-    """``"B/16"`` -> ``("B", 16)``. The patch size is part of the name, as in the paper."""
-    m = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant.strip())
-    if not m or m.group(1) not in VARIANTS:
-        raise ValueError(f"{variant!r} is not NAME/PATCH with NAME in {', '.join(VARIANTS)} (e.g. 'B/16')")
-    return m.group(1), int(m.group(2))
-
-
 @dataclass(frozen=True)
 class ViTConfig:
     """One ViT's shape and options; ``ViTConfig.from_variant("L/16", ...)`` fills the sizes from ``VARIANTS``."""

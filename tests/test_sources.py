@@ -197,3 +197,87 @@ def test_label_lists_in_csv_and_parquet_make_a_multi_label_index(tmp_path):
     assert plan.table.multi and plan.table.label_kind == "str" and plan.label_names == ["cat", "dog"]
     labels = Labels(plan.table.label_kind, plan.label_names, multi=True)
     assert [labels.resolve_all(r[1])[0] for r in all_rows(plan)] == [[0, 1], [1]]
+
+
+ODD_LINES = ["{not json", "", "  \t", "null", "[1, 2]", "{}", '{"path": "a.jpg", "label": 1, "label": 3}',
+             json.dumps({"path": 12, "label": 1}), json.dumps({"path": 'é"\\q.jpg', "label": {"id": 1}}),
+             json.dumps({"path": "o.jpg", "label": 1}) + json.dumps({"path": "p.jpg", "label": 2}),
+             json.dumps({"path": "r.jpg", "label": 1}) + "\r", json.dumps({"path": "s.jpg", "label": True}),
+             json.dumps({"path": "t.jpg", "label": None}), json.dumps({"path": "u.jpg", "label": -3}),
+             json.dumps({"path": "v.jpg", "label": 4.0}), json.dumps({"path": "w.jpg", "label": 2.5}),
+             json.dumps({"path": "x.jpg", "label": "seven"}), json.dumps({"path": "y.jpg", "label": [1, 2]}),
+             json.dumps({"path": "z.jpg", "label": ""})]
+
+
+def _odd_jsonl_lines(rng, n: int, every: int = 0) -> list[str]:
+    """Rows with integer labels and, at random (or every ``every`` lines), lines or labels of every kind
+    the row-wise rules have a reason for. The first valid label makes the index's ids integers."""
+    lines = [json.dumps({"path": "first.jpg", "label": 0})]
+    for i in range(1, n):
+        odd = i % every == 0 if every else rng.random() < 0.3
+        lines.append(rng.choice(ODD_LINES) if odd else
+                     json.dumps({"path": f"img/{i}.jpg", "label": rng.randrange(40), "x": rng.choice([1, "y"])}))
+    return lines
+
+
+def _multi_jsonl_lines(rng, n: int) -> list[str]:
+    names = ["cat", "dog", 'q"uote', "back\\slash", "é", "x y"]
+    cells = [[], ["cat", None], ["cat", ""], None, "dog", ["cat", 3], ["ctl\x01"]]
+    return [json.dumps({"path": f"m/{i}.jpg", "label": rng.sample(names, rng.randrange(1, 4)) if rng.random() < 0.85
+                        else rng.choice(cells)}, ensure_ascii=i % 2 == 0) for i in range(n)]
+
+
+def _plan_jsonl(monkeypatch, tmp_path, name: str, chunk: int, row_wise: bool = False):
+    """(rows with label lists parsed, label names, kind, multi) and how many rows took the row-wise rules."""
+    import pipelines.sources as sources
+
+    calls = []
+    add_row = sources._JsonlReader._add_row
+    with monkeypatch.context() as m:
+        m.setattr(sources, "JSONL_CHUNK", chunk)
+        m.setattr(sources._JsonlReader, "_add_row", lambda self, *a: calls.append(1) or add_row(self, *a))
+        if row_wise:
+            m.setattr(sources._JsonlReader, "piece", lambda self, data, line: self._add_lines(data, line))
+        plan = plan_source(str(tmp_path / "i.jsonl"), ShardConfig(samples_per_shard=97), str(tmp_path / name))
+    rows = [(path, json.loads(label) if label and label.startswith("[") else label, error)
+            for path, label, error in all_rows(plan)]
+    return (rows, plan.label_names, plan.table.label_kind, plan.table.multi), len(calls)
+
+
+@pytest.mark.parametrize("make", [_odd_jsonl_lines, _multi_jsonl_lines])
+def test_jsonl_read_by_pyarrow_equals_the_row_wise_rules(tmp_path, monkeypatch, make):
+    """The chunked, column-wise JSONL reader gives the rows, reasons, line numbers and label names that
+    reading line by line with json.loads gives, however the lines fall into chunks."""
+    import random
+
+    (tmp_path / "i.jsonl").write_text("\n".join(make(random.Random(0), 3000)) + "\n\n", encoding="utf-8")
+    expected, _ = _plan_jsonl(monkeypatch, tmp_path, "rowwise", 1 << 20, row_wise=True)
+    assert any(e and e.startswith("bad_row: line ") for _, _, e in expected[0]) or make is _multi_jsonl_lines
+    for chunk in (1 << 20, 4096, 200):  # one chunk; many; lines longer than a chunk
+        assert _plan_jsonl(monkeypatch, tmp_path, f"chunk{chunk}", chunk)[0] == expected, chunk
+
+
+def test_jsonl_rows_take_the_row_wise_rules_only_near_a_bad_line(tmp_path, monkeypatch):
+    import random
+
+    lines = _odd_jsonl_lines(random.Random(1), 6000, every=500)
+    (tmp_path / "i.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    expected, _ = _plan_jsonl(monkeypatch, tmp_path, "rowwise", 1 << 20, row_wise=True)
+    got, row_wise = _plan_jsonl(monkeypatch, tmp_path, "chunked", 1 << 20)
+    assert got == expected
+    assert row_wise <= 11 * 64, row_wise  # at most a few dozen lines around each of the 11 odd ones
+
+
+def test_compressed_jsonl(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "i.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"path": p, "label": lab}) + "\n" for p, lab in ROWS)
+    plan = plan_source(str(tmp_path / "i.jsonl.gz"), ShardConfig(samples_per_shard=5), str(tmp_path / "p"))
+    assert all_rows(plan) == [(p, lab, None) for p, lab in ROWS] and plan.label_names == ["cat", "dog", "eel"]
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    (tmp_path / "i.jsonl").write_bytes(b'{"path": "a.jpg", "label": 1}\n{"path": "b\xff.jpg", "label": 1}\n')
+    with pytest.raises(InputError, match="line 2 is not UTF-8"):
+        plan_source(str(tmp_path / "i.jsonl"), ShardConfig(), str(tmp_path / "p"))
