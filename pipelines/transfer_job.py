@@ -9,11 +9,13 @@ initialised model of the same config when ``transfer.compare_scratch``):
 - always, whatever the mode: the linear probe and few-shot (``transfer.shots``) on frozen features,
   which are cheap. ``mode: linear`` or ``fewshot`` skips fine-tuning; the report then shows only those.
 
-Every run is its own Ray task with its resources (``pretrain.cpus_per_worker`` CPUs, a GPU with
-``pretrain.use_gpu``); with ``transfer.workers > 1`` a task starts a Ray Train ``TorchTrainer`` of that
-many workers instead (the same DeepSpeed loop on each rank). All of them run at once, as far as the
-cluster's resources allow. MLflow: a nested run per (dataset, model, LR) and phase under the stage's run,
-which gets the summary metrics and the report (table, plot, results.json) as artifacts.
+Every run (a cell of the grid) is its own Ray task with its resources (``pretrain.cpus_per_worker``
+CPUs, a GPU with ``pretrain.use_gpu``); with ``transfer.workers > 1`` a task starts a Ray Train
+``TorchTrainer`` of that many workers instead (the same DeepSpeed loop on each rank, ZeRO as
+``pretrain.zero_stage``, ``transfer.batch / (transfer.micro_batch x workers)`` accumulation steps). As
+many fine-tuning cells run at once as the cluster holds; the rest wait in the driver (``Grid``).
+MLflow: a nested run per (dataset, model, LR) and phase under the stage's run, which gets the summary
+metrics and the report (table, plot, results.json) as artifacts.
 """
 from __future__ import annotations
 
@@ -25,13 +27,15 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
 from pipelines.config import Config, flatten, to_dict
 from pipelines.tracking import client_for, stage_run, tracker_for
-from pipelines.transfer_report import markdown_report, markdown_table, plot, row_label, write_json
+from pipelines.transfer_report import markdown_report, markdown_table, plot, write_json
 from pretrain.downstream import DatasetSpec, dataset_spec
+from pretrain.ds_config import engine_knobs
 from pretrain.errors import InputError
 from pretrain import storage
 from pretrain.lease import Lease
@@ -172,6 +176,9 @@ def fingerprint(cfg: Config, export_dir: str) -> str:
             "zero_stage": cfg.pretrain.zero_stage,
             "export_config": storage.read_text(storage.join(export_dir, CONFIG_FILE)),
             "weights": storage.identity(storage.join(export_dir, WEIGHTS_FILE))}
+    knobs = engine_knobs(cfg.pretrain.deepspeed)
+    if knobs:  # only when set, so that reports made before fine-tuning inherited them stay complete
+        data["deepspeed"] = knobs
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -189,8 +196,28 @@ def _lr_grid(spec: DatasetSpec, lrs: list[float]) -> list[float]:
     return [spec.lr] if spec.lr is not None else list(lrs)
 
 
+def cells_at_once(resources: dict, workers: int, cpus_per_worker: int, use_gpu: bool) -> int:
+    """How many fine-tuning cells of ``workers`` ranks the cluster's resources hold side by side."""
+    fits = int(resources.get("CPU", 0) // (workers * cpus_per_worker))
+    if use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // workers))
+    return fits
+
+
 class Grid:
-    """The stage's Ray work in flight and what has come back."""
+    """The stage's Ray work in flight and what has come back.
+
+    Fine-tuning cells start only while the cluster can hold one more (``cells_at_once``); the others
+    wait here, in the driver, and start as cells finish. Why not hand Ray every cell at once: a cell of
+    several workers is a driver task (no resources of its own) that starts a ``TorchTrainer``, whose
+    placement group asks for all its workers together. Ray never deadlocks on those (a group is
+    reserved whole or not at all), but a grid larger than the cluster would park a driver process, a
+    Train controller and a pending placement group per waiting cell, and Ray Train gives up on a
+    worker group that waits longer than ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) and starts
+    it again, over and over. Holding the queue here costs nothing, keeps the order of the grid, and
+    leaves the probes (one CPU each) to Ray's own queue. The count is re-read from the cluster at each
+    start, so nodes that join are used.
+    """
 
     def __init__(self, cfg: Config, export_dir: str, specs: dict[str, DatasetSpec], runs: NestedRuns):
         import ray
@@ -207,9 +234,13 @@ class Grid:
         self._ft_args = (self.t.workers, p.cpus_per_worker, p.use_gpu, ray_storage)
         self._probe = ray.remote(probe_cell).options(num_cpus=p.cpus_per_worker, num_gpus=gpus)
         self.pending: dict[Any, dict] = {}
+        self.waiting: deque[dict] = deque()  # fine-tuning cells not started yet, in grid order
+        self.running = 0  # fine-tuning cells started and not back
         self.dev: dict[tuple[str, str], dict[float, dict]] = {}
         self.rows: dict[tuple[str, str], dict] = {}
         self.timings: list[dict] = []
+        self.total = self.done = 0  # cells of the whole grid (probes and finals included), cells back
+        self._warned_small = False
 
     def _job(self, dataset: str, init: str, lr: float, final: bool) -> FinetuneJob:
         spec, t, p = self.specs[dataset], self.t, self.cfg.pretrain
@@ -219,17 +250,36 @@ class Grid:
             warmup_steps=warmup_steps_for(steps, t.warmup_steps), batch=t.batch, img_size=t.img_size,
             train_split="trainval" if final else "train", eval_split="test" if final else "dev",
             seed=self.cfg.seed, precision=p.precision, zero_stage=p.zero_stage, use_gpu=p.use_gpu,
-            loader_workers=0 if spec.in_memory else p.loader_workers, log_every=max(1, min(50, steps // 10)))
+            loader_workers=0 if spec.in_memory else p.loader_workers, log_every=max(1, min(50, steps // 10)),
+            micro_batch=t.micro_batch, deepspeed=engine_knobs(p.deepspeed),
+            # pretraining's memory setting for the same backbone (L/H at 384+ px need it more, not less)
+            act_checkpoint=self.cfg.model.act_checkpoint)
 
     def submit_finetune(self, dataset: str, init: str, lr: float, final: bool) -> None:
-        job = self._job(dataset, init, lr, final)
-        phase = "final" if final else "dev"
-        name = f"{Path(dataset).name}-{init}-lr{lr:g}-{phase}"
-        run_id = self.runs.start(name, {"vitscale.stage": "transfer", "vitscale.dataset": dataset,
-                                        "vitscale.init": init, "vitscale.lr": f"{lr:g}", "vitscale.phase": phase},
-                                 {k: v for k, v in dataclasses.asdict(job).items() if k != "data_root"})
-        ref = self._finetune.remote(job, *self._ft_args)
-        self.pending[ref] = {"kind": phase, "dataset": dataset, "init": init, "lr": lr, "run_id": run_id}
+        self.waiting.append({"kind": "final" if final else "dev", "dataset": dataset, "init": init, "lr": lr})
+        self._start_cells()
+
+    def _start_cells(self) -> None:
+        """Start waiting fine-tuning cells while the cluster holds one more (always one at least)."""
+        p = self.cfg.pretrain
+        resources = self.ray.cluster_resources()
+        fits = cells_at_once(resources, self.t.workers, p.cpus_per_worker, p.use_gpu)
+        if fits < 1 and not self._warned_small:  # an autoscaler may still add nodes: wait, don't fail
+            self._warned_small = True
+            log.warning("the cluster (%s) cannot hold one fine-tuning cell of %d workers x %d CPUs%s now; "
+                        "each cell waits for nodes to join", {k: resources.get(k, 0) for k in ("CPU", "GPU")},
+                        self.t.workers, p.cpus_per_worker, " + 1 GPU" if p.use_gpu else "")
+        while self.waiting and self.running < max(1, fits):
+            info = self.waiting.popleft()
+            dataset, init, lr, phase = info["dataset"], info["init"], info["lr"], info["kind"]
+            job = self._job(dataset, init, lr, final=phase == "final")
+            name = f"{Path(dataset).name}-{init}-lr{lr:g}-{phase}"
+            info["run_id"] = self.runs.start(
+                name, {"vitscale.stage": "transfer", "vitscale.dataset": dataset, "vitscale.init": init,
+                       "vitscale.lr": f"{lr:g}", "vitscale.phase": phase},
+                {k: v for k, v in dataclasses.asdict(job).items() if k != "data_root"})
+            self.pending[self._finetune.remote(job, *self._ft_args)] = info
+            self.running += 1
 
     def submit_probe(self, dataset: str, init: str) -> None:
         job = ProbeJob(dataset, self.t.data_root, self.export_dir, init, tuple(self.t.shots), self.cfg.seed,
@@ -242,6 +292,11 @@ class Grid:
             for init in inits:
                 self.rows[(dataset, init)] = {"dataset": dataset, "init": init, "num_classes": spec.num_classes,
                                               "steps": self.t.steps or spec.steps, "finetune": None, "lr": None}
+                grid = _lr_grid(spec, self.t.lrs)
+                finetunes = 0 if self.t.mode != "finetune" else 1 if len(grid) == 1 else len(grid) + 1
+                self.total += 1 + finetunes  # the probe, the dev runs, the final run
+        for dataset, spec in self.specs.items():
+            for init in inits:
                 self.submit_probe(dataset, init)
                 if self.t.mode != "finetune":
                     continue
@@ -256,17 +311,18 @@ class Grid:
     def _take(self, info: dict, result: dict) -> None:
         key = (info["dataset"], info["init"])
         row = self.rows[key]
-        label = row_label(*key)
+        self.done += 1
+        done = f"[transfer] cell {self.done} of {self.total} done: {Path(info['dataset']).name} {info['init']}"
         if info["kind"] == "probe":
             row.update(linear=result["linear"], fewshot=result["fewshot"], linear_l2=result["linear_l2"])
-            shots = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["fewshot"].items())
-            print(f"[transfer] {label}: linear {100 * result['linear']:.2f} %, few-shot {shots}", flush=True)
+            shots = ", ".join(f"{k} {v:.3f}" for k, v in result["fewshot"].items())
+            print(f"{done} probe linear acc {result['linear']:.3f}, few-shot {shots}", flush=True)
             return
         metric = "dev_accuracy" if info["kind"] == "dev" else "test_accuracy"
         self.runs.log(info["run_id"], {metric: result["accuracy"], "seconds": result["seconds"]}, result["loss_curve"])
         self.runs.end(info["run_id"])
-        print(f"[transfer] {label} lr={info['lr']:g} {info['kind']}: {metric} {100 * result['accuracy']:.2f} % "
-              f"({result['seconds']:.0f} s)", flush=True)
+        print(f"{done} lr={info['lr']:g} {info['kind']} acc {result['accuracy']:.3f} ({result['seconds']:.0f} s, "
+              f"{result['world_size']} workers x {result['grad_accum']} micro-batches)", flush=True)
         if info["kind"] == "final":
             row.update(finetune=result["accuracy"], lr=info["lr"], final_loss=result["loss"])
             return
@@ -289,9 +345,12 @@ class Grid:
                 except BaseException:
                     self.runs.end(info["run_id"], "FAILED")
                     raise
+                if info["kind"] != "probe":
+                    self.running -= 1
                 self.timings.append({k: info[k] for k in ("kind", "dataset", "init", "lr")} |
                                     {k: result[k] for k in ("pid", "started", "finished")})
                 self._take(info, result)
+                self._start_cells()
         except BaseException:
             for ref, info in self.pending.items():
                 self.ray.cancel(ref, force=True)

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig, PretrainConfig
-from pretrain.ds_config import deepspeed_config, grad_accum_steps  # noqa: F401  (one builder for both stages)
-from pretrain.ds_config import merge as _merge  # noqa: F401  (tests/test_engine.py imports it from here)
+from pretrain.ds_config import deepspeed_config
 from pretrain.losses import LossFn, make_loss
 from pretrain.model import ViT, ViTConfig
 from pretrain.parallelize import import_deepspeed, parallelize

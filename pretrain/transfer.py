@@ -4,8 +4,11 @@ Fine-tuning: the pretraining head (and pre-logits layer) is removed and replaced
 linear layer with the downstream class count; the position embeddings are resampled (2-D bicubic) to
 the fine-tuning resolution; SGD with momentum 0.9, no weight decay, linear warmup then cosine decay,
 gradient clipping at global norm 1, a fixed global batch. The step runs through DeepSpeed exactly as
-pretraining does (``pretrain.engine``: process group, ``train_step``), so it works on one CPU process,
-under ``torchrun`` or on Ray Train workers, with any ZeRO stage.
+pretraining does (``pretrain.engine``: process group, ``train_step``; ``pretrain.ds_config``: the
+config), so it works on one CPU process, under ``torchrun`` or on Ray Train workers, with any ZeRO stage.
+The global batch is one optimisation whatever fits on a device: each rank runs ``batch / (micro_batch x
+world size)`` micro-batches per step, cut from the same global batch (``GlobalBatchSampler``), so the
+paper's batch 512 at 384 px on 8 GPUs x micro-batch 16 x 4 steps is the step of 1 GPU x 512.
 
 Frozen evaluation (``run_probe``): linear probe and few-shot on the features of the model at its own
 pretraining resolution (big_vision's few-shot setting), so they measure the checkpoint as it is.
@@ -21,7 +24,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -30,6 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from pretrain import storage
+from pretrain.ds_config import accumulation, finetune_config, finetune_micro_batch
 from pretrain.downstream import dataset_spec, load_dataset
 from pretrain.errors import InputError
 from pretrain.evaluate import PAPER_MEAN, PAPER_STD, features, fewshot_from_features, linear_probe, normalize
@@ -107,7 +111,7 @@ class FinetuneJob:
     lr: float
     steps: int
     warmup_steps: int
-    batch: int  # global, over all workers
+    batch: int  # global, over all workers and accumulation steps
     img_size: int
     train_split: str = "train"  # "train" to pick the LR (eval on "dev"); "trainval" for the final run
     eval_split: str = "dev"
@@ -118,6 +122,9 @@ class FinetuneJob:
     loader_workers: int = 0
     grad_clip: float = 1.0
     log_every: int = 50
+    micro_batch: Optional[int] = None  # per rank and forward pass; None = batch / world size (no accumulation)
+    act_checkpoint: bool = False  # recompute block activations in the backward (L/H at 384+ px)
+    deepspeed: dict = field(default_factory=dict)  # the user's engine knobs (``ds_config.engine_knobs``)
 
 
 @dataclass(frozen=True)
@@ -156,16 +163,21 @@ def ensure_process_group(use_gpu: bool):
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
-    """An endless stream of seeded epochs cut into global batches; each rank takes its slice.
+    """An endless stream of seeded epochs cut into global batches; each rank takes its share of each
+    batch, in ``micro_batch``-sized pieces (``batch / (micro_batch x world_size)`` per global batch).
 
-    Every rank computes the same stream without talking to the others; batches run across epoch
-    boundaries (as big_vision's repeated datasets do), so a dataset smaller than a batch still works.
+    Rank r's share is the r-th contiguous slice of the global batch, cut in order, so the micro-batches
+    of all ranks together, rank by rank, are the global batch whatever the split: 2 ranks x 1 piece
+    and 1 rank x 2 pieces see the same images in the same step. Every rank computes the same stream
+    without talking to the others; batches run across epoch boundaries (as big_vision's repeated
+    datasets do), so a dataset smaller than a batch still works.
     """
 
-    def __init__(self, n: int, batch: int, rank: int, world_size: int, seed: int):
-        if batch % world_size:
-            raise InputError(f"transfer.batch: {batch} is not divisible by the {world_size} workers")
-        self.n, self.batch, self.rank, self.micro, self.seed = n, batch, rank, batch // world_size, seed
+    def __init__(self, n: int, batch: int, rank: int, world_size: int, seed: int, micro_batch: Optional[int] = None):
+        self.micro = finetune_micro_batch(batch, micro_batch, world_size)
+        accumulation(batch, self.micro, world_size, "transfer.batch", "transfer.micro_batch")  # whole, or InputError
+        self.n, self.batch, self.rank, self.seed = n, batch, rank, seed
+        self.share = batch // world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         buf: list[int] = []
@@ -176,26 +188,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 buf += torch.randperm(self.n, generator=g).tolist()
                 epoch += 1
             batch, buf = buf[: self.batch], buf[self.batch :]
-            yield batch[self.rank * self.micro : (self.rank + 1) * self.micro]
-
-
-def finetune_ds_config(job: FinetuneJob, world_size: int) -> dict:
-    """DeepSpeed config of the protocol: the client SGD optimizer, DeepSpeed's warmup-cosine schedule."""
-    return {
-        "train_batch_size": job.batch,
-        "train_micro_batch_size_per_gpu": job.batch // world_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": job.grad_clip,
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": job.steps, "warmup_num_steps": job.warmup_steps, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": 0.0, "warmup_type": "linear"}},
-        "bf16": {"enabled": job.precision == "bf16"},
-        "fp16": {"enabled": job.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_optimization": {"stage": job.zero_stage},
-        "zero_allow_untested_optimizer": True,  # torch's SGD: ZeRO partitions its momentum like any state
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+            share = batch[self.rank * self.share : (self.rank + 1) * self.share]
+            for i in range(0, self.share, self.micro):
+                yield share[i : i + self.micro]
 
 
 @torch.no_grad()
@@ -230,17 +225,17 @@ def finetune(model: ViT, train_ds: Dataset, eval_ds: Dataset, job: FinetuneJob,
              mean: Sequence[float] = PAPER_MEAN, std: Sequence[float] = PAPER_STD,
              on_log: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Fine-tune ``model`` (already prepared) with the protocol; returns on every rank
-    ``{"accuracy", "loss", "loss_curve": [[step, loss], ...], "seconds", "world_size"}``."""
-    from pretrain.engine import import_deepspeed, train_step
-
-    deepspeed = import_deepspeed()
+    ``{"accuracy", "loss", "loss_curve": [[step, loss], ...], "seconds", "world_size", "grad_accum"}``."""
+    from pretrain.engine import train_step
+    from pretrain.parallelize import parallelize
 
     info = ensure_process_group(job.use_gpu)
     torch.manual_seed(job.seed + info.rank)  # dropout / drop-path differ per rank, as in pretraining
     opt = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=MOMENTUM, weight_decay=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                           config=finetune_ds_config(job, info.world_size))
-    sampler = GlobalBatchSampler(len(train_ds), job.batch, info.rank, info.world_size, job.seed)
+    engine = parallelize(model, finetune_config(job, info.world_size), optimizer=opt,
+                         act_checkpoint=job.act_checkpoint)
+    micro = engine.train_micro_batch_size_per_gpu()
+    sampler = GlobalBatchSampler(len(train_ds), job.batch, info.rank, info.world_size, job.seed, micro)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=job.loader_workers,
                         persistent_workers=job.loader_workers > 0)
     batches = ((normalize(x, mean, std), y) for x, y in loader)
@@ -260,10 +255,9 @@ def finetune(model: ViT, train_ds: Dataset, eval_ds: Dataset, job: FinetuneJob,
             window = []
             if on_log is not None and info.rank == 0:
                 on_log(step, {"loss": curve[-1][1], "lr": float(engine.get_lr()[0])})
-    acc = sharded_accuracy(engine.module, eval_ds, info.rank, info.world_size, max(1, job.batch // info.world_size),
-                           mean, std)
+    acc = sharded_accuracy(engine.module, eval_ds, info.rank, info.world_size, micro, mean, std)
     return {"accuracy": acc, "loss": curve[-1][1], "loss_curve": curve, "seconds": time.perf_counter() - t0,
-            "world_size": info.world_size}
+            "world_size": info.world_size, "grad_accum": engine.gradient_accumulation_steps()}
 
 
 def run_finetune(job: FinetuneJob, on_log: Optional[Callable[[int, dict], None]] = None) -> dict:

@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     import torch.nn.functional as F
 
     from pretrain.checkpoint import Checkpointer, rng_state, set_rng_state
-    from pretrain.engine import import_deepspeed
+    from pretrain.parallelize import import_deepspeed
     from pretrain.model import ViT, ViTConfig
 
     deepspeed = import_deepspeed()

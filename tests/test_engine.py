@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from pipelines.config import PretrainConfig, load_config, replace
-from pretrain.engine import _merge, deepspeed_config, grad_accum_steps, param_groups, vit_config
+from pretrain.ds_config import deepspeed_config, grad_accum_steps
+from pretrain.ds_config import merge as _merge
+from pretrain.engine import param_groups, vit_config
 from pretrain.errors import InputError
 from pretrain.launch import job_from_resolved, read_job
 from pretrain.loop import _check_finite

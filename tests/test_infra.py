@@ -263,7 +263,7 @@ def test_deepspeed_examples_are_what_the_engine_builds(stage):
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from pretrain.engine import deepspeed_config
+    from pretrain.ds_config import deepspeed_config
 
     example = json.loads((INFRA / "deepspeed" / f"zero{stage}.json").read_text())
     assert example["zero_optimization"]["stage"] == stage

@@ -1,13 +1,12 @@
 """The fine-tuning protocol of pretrain/transfer.py: loading, head swap, pos-embed resampling, the
-DeepSpeed loop on one process and on two Ray Train workers."""
+micro-batches of each rank, the DeepSpeed loop on one process and on two Ray Train workers."""
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
 from pretrain.convert import save_safetensors
+from pretrain.errors import InputError
 from pretrain.model import ViT, ViTConfig, resample_pos_embed
 from pretrain.transfer import FinetuneJob, GlobalBatchSampler, load_model, prepare_for_transfer
 
@@ -77,23 +76,40 @@ def test_global_batches_split_over_ranks_and_cycle_small_datasets():
     assert len(tiny) == 8 and set(tiny) == {0, 1, 2}
 
 
+def test_micro_batches_of_any_split_are_the_same_global_batches_in_the_same_order():
+    """What each step sees, rank by rank and micro-batch by micro-batch, whatever the workers x accumulation."""
+    def steps(world: int, micro: int, n_steps: int = 4) -> list[list[int]]:
+        ranks = [iter(GlobalBatchSampler(n=50, batch=16, rank=r, world_size=world, seed=3, micro_batch=micro))
+                 for r in range(world)]
+        accum = 16 // (world * micro)
+        return [[i for it in ranks for _ in range(accum) for i in next(it)] for _ in range(n_steps)]
+
+    reference = steps(world=1, micro=16)  # the whole batch at once
+    for world, micro in [(1, 8), (2, 8), (2, 4), (4, 2), (1, 2)]:
+        assert steps(world, micro) == reference, (world, micro)
+    with pytest.raises(InputError, match="transfer.batch: 16 is not transfer.micro_batch"):
+        GlobalBatchSampler(n=50, batch=16, rank=0, world_size=2, seed=0, micro_batch=3)
+
+
 @pytest.mark.timeout(300)
-def test_two_ray_train_workers_match_one_process(tmp_path, ray_local):
-    """The same job on one process (a Ray task) and on a 2-worker TorchTrainer: the same global batches,
-    so the same losses and the same dev accuracy, up to float summation order."""
+def test_two_workers_zero2_with_accumulation_match_one_worker_with_twice_the_accumulation(tmp_path, ray_local):
+    """Batch 32 as 1 worker x 4 micro-batches of 8 (a Ray task) and as 2 Ray Train workers x 2 micro-batches
+    of 8 (ZeRO 2, gloo): the same global batches, so the same losses and the same dev accuracy, up to
+    float summation order."""
     from pipelines.transfer_job import finetune_cell
 
     cfg = ViTConfig.from_variant("mu/4", num_classes=10, img_size=16)
     save_safetensors(_trained_looking(cfg), cfg, tmp_path / "export")
     job = FinetuneJob(dataset="digits", data_root=None, export_dir=str(tmp_path / "export"), init="pretrained",
-                      lr=0.05, steps=8, warmup_steps=2, batch=32, img_size=16, log_every=1)
+                      lr=0.05, steps=6, warmup_steps=2, batch=32, img_size=16, log_every=1, zero_stage=2,
+                      micro_batch=8)
     cell = ray_local.remote(finetune_cell)
     one = cell.options(num_cpus=1).remote(job, 1, 1, False, str(tmp_path / "ray"))
-    two = cell.options(num_cpus=0).remote(dataclasses.replace(job), 2, 1, False, str(tmp_path / "ray"))
+    two = cell.options(num_cpus=0).remote(job, 2, 1, False, str(tmp_path / "ray"))
     one, two = ray_local.get([one, two])
-    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert (one["world_size"], one["grad_accum"]) == (1, 4) and (two["world_size"], two["grad_accum"]) == (2, 2)
     losses_one = torch.tensor([loss for _, loss in one["loss_curve"]])
     losses_two = torch.tensor([loss for _, loss in two["loss_curve"]])
-    assert len(losses_one) == 8 and losses_one[-1] < losses_one[0]
+    assert len(losses_one) == 6 and losses_one[-1] < losses_one[0]
     torch.testing.assert_close(losses_two, losses_one, rtol=1e-4, atol=1e-5)
     assert abs(one["accuracy"] - two["accuracy"]) <= 1 / one["num_eval"]

@@ -112,3 +112,31 @@ def test_frozen_modes_skip_fine_tuning(tmp_path, ray_local):
     assert row["finetune"] is None and row["linear"] is not None and set(row["fewshot"]) == {"2shot"}
     assert [t["kind"] for t in result["timings"]] == ["probe"]
     assert "| digits | — | — |" in open(result["report"]).read()
+
+
+@pytest.mark.timeout(600)
+def test_two_worker_cells_take_turns_on_a_two_node_cluster_smaller_than_the_grid(tmp_path, capsys):
+    """Two fine-tuning cells of 2 workers (ZeRO 2, 2 micro-batches each) on 2 nodes of 1 CPU: the cluster
+    holds one cell at a time, so the second starts when the first is back, and the grid completes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cfg = _config(tmp_path, _export(tmp_path / "export", "mu/4", 16), lrs=[0.05], steps=4, warmup_steps=1,
+                  batch=16, shots=[1], compare_scratch=True, workers=2, micro_batch=4)
+    ray.shutdown()  # the session's local Ray; the next test that needs it starts it again
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        result = run_transfer(replace(cfg, **{"ray.address": cluster.address, "pretrain.zero_stage": 2}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    assert {r["init"]: r["finetune"] is not None for r in result["rows"]} == {"pretrained": True, "scratch": True}
+    first, second = sorted((t for t in result["timings"] if t["kind"] == "final"), key=lambda t: t["started"])
+    assert second["started"] >= first["finished"]
+    out = capsys.readouterr().out
+    assert "[transfer] cell 4 of 4 done: digits " in out
+    assert out.count("lr=0.05 final acc") == 2 and "2 workers x 2 micro-batches" in out
