@@ -1,7 +1,10 @@
 """The user's config: the core's typed slices (``pretrain/config.py``) composed with the orchestration
 ones (Ray, MLflow, sharding), loaded from YAML or a preset, ``--set`` overrides applied, validated once
-at the edge. Each stage is handed the slices it uses, never the whole bag. Errors are ``ConfigError``
-and name the full key path (``pretrain.micro_batch``) or the file, so the CLI can exit 2.
+at the edge. The ML core is handed only its typed slices (``TrainJob``, ``FinetuneJob``, ``ModelConfig``...),
+never this whole bag; a stage's driver (``run_shard_stage``, ``run_pretrain``, ``run_transfer``) takes the
+``Config``, because it logs the whole config to its MLflow run and needs the workdir, Ray and MLflow
+settings beside its own slice. Errors are ``ConfigError`` and name the full key path
+(``pretrain.micro_batch``) or the file, so the CLI can exit 2.
 """
 from __future__ import annotations
 
