@@ -12,9 +12,12 @@ from __future__ import annotations
 import copy
 import difflib
 import typing
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, PretrainConfig
+
+if TYPE_CHECKING:  # transfer.py imports this module
+    from pretrain.transfer import FinetuneJob
 from pretrain.errors import InputError
 
 # What defines the optimisation rather than how the engine runs it. Fine-tuning follows the paper's
@@ -82,22 +85,25 @@ def engine_config(*, batch: int, micro_batch: int, accum: int, precision: str, z
 # --------------------------------------------------------------------------- the two stages
 
 
-def grad_accum_steps(p: Any, world_size: int) -> int:
+def grad_accum_steps(train_cfg: PretrainConfig, world_size: int) -> int:
     """Pretraining's accumulation: ``global_batch / (micro_batch x world size)``."""
-    return accumulation(p.global_batch, p.micro_batch, world_size, "pretrain.global_batch", "micro_batch")
+    return accumulation(train_cfg.global_batch, train_cfg.micro_batch, world_size, "pretrain.global_batch",
+                        "micro_batch")
 
 
-def deepspeed_config(p: Any, world_size: int) -> dict:
-    """Pretraining's config from the ``pretrain`` slice (typed, or duck-typed from a file)."""
+def deepspeed_config(train_cfg: PretrainConfig, world_size: int) -> dict:
+    """Pretraining's config from the ``pretrain`` slice."""
     # torch's AdamW (fused on GPUs) instead of DeepSpeed's FusedAdam: no JIT-compiled extension to build.
-    adam = {"lr": p.lr, "betas": list(p.betas), "eps": 1e-8, "weight_decay": p.weight_decay, "torch_adam": True}
-    if p.use_gpu:
+    adam = {"lr": train_cfg.lr, "betas": list(train_cfg.betas), "eps": 1e-8, "weight_decay": train_cfg.weight_decay,
+            "torch_adam": True}
+    if train_cfg.use_gpu:
         adam["fused"] = True
     return engine_config(
-        batch=p.global_batch, micro_batch=p.micro_batch, accum=grad_accum_steps(p, world_size),
-        precision=p.precision, zero_stage=p.zero_stage, grad_clip=p.grad_clip,
-        scheduler=warmup_schedule(p.schedule, p.steps, p.warmup_steps, p.lr),
-        optimizer={"type": "AdamW", "params": adam}, raw=p.deepspeed)
+        batch=train_cfg.global_batch, micro_batch=train_cfg.micro_batch,
+        accum=grad_accum_steps(train_cfg, world_size),
+        precision=train_cfg.precision, zero_stage=train_cfg.zero_stage, grad_clip=train_cfg.grad_clip,
+        scheduler=warmup_schedule(train_cfg.schedule, train_cfg.steps, train_cfg.warmup_steps, train_cfg.lr),
+        optimizer={"type": "AdamW", "params": adam}, raw=train_cfg.deepspeed)
 
 
 def engine_knobs(raw: Optional[dict]) -> dict:
@@ -114,7 +120,7 @@ def finetune_micro_batch(batch: int, micro_batch: Optional[int], world_size: int
     return batch // world_size
 
 
-def finetune_config(job: Any, world_size: int) -> dict:
+def finetune_config(job: "FinetuneJob", world_size: int) -> dict:
     """Fine-tuning's config from a ``FinetuneJob``: the protocol's batch, clipping and warmup-cosine
     schedule around a client SGD; ``job.deepspeed`` holds the inherited engine knobs."""
     micro = finetune_micro_batch(job.batch, job.micro_batch, world_size)

@@ -95,17 +95,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # torch.compile's backend for --compile; "eager" traces with dynamo but generates no kernels (CPU tests)
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the GPU path on CPU, for tests
-    o = ap.parse_args(argv)
-    if o.stage is None:
-        o.stage = 1 if o.gpu else 2
-    if o.precision is None:
-        o.precision = "bf16" if o.gpu else "fp32"
-    return o
+    opts = ap.parse_args(argv)
+    if opts.stage is None:
+        opts.stage = 1 if opts.gpu else 2
+    if opts.precision is None:
+        opts.precision = "bf16" if opts.gpu else "fp32"
+    return opts
 
 
 def main(args: argparse.Namespace) -> int:
-    o = parse_args(list(getattr(args, "rest", None) or []))
-    return gpu_main(o) if o.gpu else cpu_main(o)
+    opts = parse_args(list(getattr(args, "rest", None) or []))
+    return gpu_main(opts) if opts.gpu else cpu_main(opts)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -211,21 +211,21 @@ def _model_state_bytes(vit: ViTConfig, stage: int, world: int, batch: int) -> in
     return used
 
 
-def _rank_main(rank: int, world: int, port: int, o: argparse.Namespace, results) -> None:
-    """One gloo rank: the memory table's stages, then the timed run of ``o.stage``."""
+def _rank_main(rank: int, world: int, port: int, opts: argparse.Namespace, results) -> None:
+    """One gloo rank: the memory table's stages, then the timed run of ``opts.stage``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)  # one core per rank: the CPU's stand-in for one device per rank
     info = init_distributed(use_gpu=False)
-    vit = _vit(o.variant, o.img)
-    if not o.no_memory:
+    vit = _vit(opts.variant, opts.img)
+    if not opts.no_memory:
         for stage in ZERO_FORMULAS:
             results.put(("memory", rank, stage, _model_state_bytes(vit, stage, world, 2)))
     torch.manual_seed(0)
-    engine = build_engine(ViT(vit), _pretrain_slice(o.batch, world, o.stage, o.precision, False), world)
-    batches = _batches(vit, o.batch, info.device, seed=rank)
-    n, seconds = _timed(lambda: train_step(engine, batches), info.device, o.warmup, o.steps)
-    results.put(("speed", rank, n * o.batch * world, seconds))
+    engine = build_engine(ViT(vit), _pretrain_slice(opts.batch, world, opts.stage, opts.precision, False), world)
+    batches = _batches(vit, opts.batch, info.device, seed=rank)
+    n, seconds = _timed(lambda: train_step(engine, batches), info.device, opts.warmup, opts.steps)
+    results.put(("speed", rank, n * opts.batch * world, seconds))
     torch.distributed.barrier()
 
 
@@ -266,34 +266,34 @@ def cpu_matmul_peak_tflops(size: int = 1024, seconds: float = 1.0) -> float:
     return best
 
 
-def cpu_main(o: argparse.Namespace) -> int:
+def cpu_main(opts: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
-    vit = _vit(o.variant, o.img)
+    vit = _vit(opts.variant, opts.img)
     flops = model_flops_per_image(vit)
-    peak = o.peak_tflops or cpu_matmul_peak_tflops()
+    peak = opts.peak_tflops or cpu_matmul_peak_tflops()
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank_main, args=(o.ranks, _free_port(), o, results), nprocs=o.ranks, join=True)
+    mp.spawn(_rank_main, args=(opts.ranks, _free_port(), opts, results), nprocs=opts.ranks, join=True)
     rows = []
     while not results.empty():
         rows.append(results.get())
     speed = [r for r in rows if r[0] == "speed"]
     ds_img_s = speed[0][2] / max(r[3] for r in speed)  # all ranks together; the slowest sets the pace
-    base_img_s = _baseline(vit, o.batch, o.precision, o.warmup, o.steps)
+    base_img_s = _baseline(vit, opts.batch, opts.precision, opts.warmup, opts.steps)
 
-    print(f"vitscale bench train: {o.variant} at {o.img} px ({num_params(ViT(vit)) / 1e6:.2f} M params, "
-          f"{flops / 1e9:.1f} GFLOP per training image), {o.precision}, micro-batch {o.batch}, CPU with "
+    print(f"vitscale bench train: {opts.variant} at {opts.img} px ({num_params(ViT(vit)) / 1e6:.2f} M params, "
+          f"{flops / 1e9:.1f} GFLOP per training image), {opts.precision}, micro-batch {opts.batch}, CPU with "
           f"{os.cpu_count()} cores; one thread per rank; MFU against the single-core matmul rate, "
           f"{peak * 1e3:.1f} GFLOP/s")
     print(f"{'':38s}{'images/s':>10s}{'GFLOP/s':>10s}{'MFU':>8s}")
-    for name, img_s in ((f"DeepSpeed ZeRO-{o.stage}, per rank of {o.ranks}", ds_img_s / o.ranks),
+    for name, img_s in ((f"DeepSpeed ZeRO-{opts.stage}, per rank of {opts.ranks}", ds_img_s / opts.ranks),
                         ("baseline: PyTorch, 1 process", base_img_s)):
         tflops = img_s * flops / 1e12
         print(f"{name:38s}{img_s:10.2f}{tflops * 1e3:10.1f}{tflops / peak:8.1%}")
-    print(f"{'ratio (DeepSpeed overhead shows < 1)':38s}{ds_img_s / o.ranks / base_img_s:10.2f}")
-    print(f"all {o.ranks} ranks together: {ds_img_s:.2f} images/s")
-    if not o.no_memory:
-        _print_memory(vit, o.ranks, [r for r in rows if r[0] == "memory"])
+    print(f"{'ratio (DeepSpeed overhead shows < 1)':38s}{ds_img_s / opts.ranks / base_img_s:10.2f}")
+    print(f"all {opts.ranks} ranks together: {ds_img_s:.2f} images/s")
+    if not opts.no_memory:
+        _print_memory(vit, opts.ranks, [r for r in rows if r[0] == "memory"])
     return 0
 
 
@@ -335,21 +335,21 @@ def _use_deepspeed(engine: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], o: argparse.Namespace,
+def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], opts: argparse.Namespace,
               device: torch.device) -> GpuResult:
     torch.manual_seed(0)
     model = ViT(vit).to(device).train()
-    mode = None if o.compile_mode == "default" else o.compile_mode
-    if compiled == "blocks" and o.compile_backend == "inductor":  # as pretraining does: compile, then wrap
+    mode = None if opts.compile_mode == "default" else opts.compile_mode
+    if compiled == "blocks" and opts.compile_backend == "inductor":  # as pretraining does: compile, then wrap
         compile_blocks(model, mode)
     elif compiled == "blocks":
         for block in model.blocks:
-            block.compile(backend=o.compile_backend)
+            block.compile(backend=opts.compile_backend)
     elif compiled == "model":
-        model.compile(mode=mode, backend=o.compile_backend)
+        model.compile(mode=mode, backend=opts.compile_backend)
     batches = _batches(vit, batch, device)
     if use_ds:
-        engine = build_engine(model, _pretrain_slice(batch, 1, o.stage, o.precision, device.type == "cuda"), 1)
+        engine = build_engine(model, _pretrain_slice(batch, 1, opts.stage, opts.precision, device.type == "cuda"), 1)
 
         def step() -> None:
             train_step(engine, batches)
@@ -359,7 +359,7 @@ def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str],
         x, y = next(batches)
 
         def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
                 loss = F.cross_entropy(model(x).float(), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -368,10 +368,10 @@ def _gpu_case(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str],
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    n, seconds = _timed(step, device, o.warmup + (2 if compiled else 0), seconds=o.seconds)
+    n, seconds = _timed(step, device, opts.warmup + (2 if compiled else 0), seconds=opts.seconds)
     img_s = n * batch / seconds
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    table = list(profile_table(step, device, o.profile)) if o.profile else []
+    table = list(profile_table(step, device, opts.profile)) if opts.profile else []
     return GpuResult("", batch, img_s, img_s * model_flops_per_image(vit) / 1e12, mem, table)
 
 
@@ -408,12 +408,12 @@ def profile_table(step: Callable[[], None], device: torch.device, steps: int, to
         yield f"  {us / total:6.1%} {us / steps / 1e3:8.2f} ms  {_kind(name):10.10s} {name[:90]}"
 
 
-def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], o: argparse.Namespace,
+def _fitting(vit: ViTConfig, batch: int, use_ds: bool, compiled: Optional[str], opts: argparse.Namespace,
              device: torch.device) -> GpuResult:
     """``_gpu_case``, halving the batch while it does not fit in the device's memory."""
     while True:
         try:
-            return _gpu_case(vit, batch, use_ds, compiled, o, device)
+            return _gpu_case(vit, batch, use_ds, compiled, opts, device)
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -432,11 +432,11 @@ def _attention_kernel(name: str):
     return sdpa_kernel(SDPBackend.MATH if name == "math" else getattr(SDPBackend, f"{name.upper()}_ATTENTION"))
 
 
-def gpu_main(o: argparse.Namespace) -> int:
-    device = torch.device(o.device)
+def gpu_main(opts: argparse.Namespace) -> int:
+    device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--gpu: no CUDA device visible (CUDA_VISIBLE_DEVICES, driver?)")
-    use_ds, why_not = _use_deepspeed(o.engine)
+    use_ds, why_not = _use_deepspeed(opts.engine)
     torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 bits (loss, norms) may use TF32
     torch.backends.cudnn.allow_tf32 = True
     if use_ds:
@@ -445,39 +445,39 @@ def gpu_main(o: argparse.Namespace) -> int:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         init_distributed(use_gpu=device.type == "cuda")
-        what = (f"DeepSpeed {deepspeed.__version__} ZeRO-{o.stage}, {o.precision} weights with fp32 master "
+        what = (f"DeepSpeed {deepspeed.__version__} ZeRO-{opts.stage}, {opts.precision} weights with fp32 master "
                 f"copies, torch AdamW{' (fused)' if device.type == 'cuda' else ''}")
     else:
-        what = (f"PyTorch (DeepSpeed {why_not}): fp32 weights, {o.precision} autocast, "
+        what = (f"PyTorch (DeepSpeed {why_not}): fp32 weights, {opts.precision} autocast, "
                 f"AdamW{' (fused)' if device.type == 'cuda' else ''}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = o.peak_tflops or detect_peak_tflops(device)
+    peak = opts.peak_tflops or detect_peak_tflops(device)
     print(f"vitscale bench train --gpu: {name}, torch {torch.__version__}; engine: {what}")
     print(f"MFU against {peak} TFLOP/s (bf16 dense peak)" if peak else "MFU: peak unknown (pass --peak-tflops)")
-    if o.compile != "off" or o.attention != "auto":
-        print(f"torch.compile mode: {o.compile_mode}; attention kernel: {o.attention}")
+    if opts.compile != "off" or opts.attention != "auto":
+        print(f"torch.compile mode: {opts.compile_mode}; attention kernel: {opts.attention}")
     print(f"{'case':22s}{'batch':>6s}{'images/s':>10s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak mem GiB':>13s}")
-    modes = COMPILE_MODES[o.compile]
+    modes = COMPILE_MODES[opts.compile]
     records = []
-    for case in o.cases.split(","):
+    for case in opts.cases.split(","):
         variant, _, batch_text = case.strip().partition(":")
         try:
-            vit = _vit(variant, o.img)
+            vit = _vit(variant, opts.img)
             batch = int(batch_text or 64)
         except ValueError as e:
             raise InputError(f"--cases {case!r}: {e} (expected VARIANT:BATCH, e.g. L/16:128)") from None
         for compiled in modes:
-            label = f"{variant}@{o.img}{f' compiled {compiled}' if compiled else ''}"
-            with _attention_kernel(o.attention):
-                r = _fitting(vit, batch, use_ds, compiled, o, device)
+            label = f"{variant}@{opts.img}{f' compiled {compiled}' if compiled else ''}"
+            with _attention_kernel(opts.attention):
+                r = _fitting(vit, batch, use_ds, compiled, opts, device)
             mfu = f"{r.tflops / peak:7.1%}" if peak else f"{'-':>7s}"
             print(f"{label:22s}{r.batch:6d}{r.img_s:10.1f}{r.tflops:9.1f}{mfu}{r.mem_gib:13.1f}", flush=True)
             records.append({"case": label, "variant": variant, "batch": r.batch, "img_per_s": r.img_s,
                             "tflops": r.tflops, "mfu": r.tflops / peak if peak else None, "mem_gib": r.mem_gib,
-                            "engine": f"deepspeed zero-{o.stage}" if use_ds else "torch", "device": name,
+                            "engine": f"deepspeed zero-{opts.stage}" if use_ds else "torch", "device": name,
                             "torch": torch.__version__})
-            if o.json:  # after every case: a step stopped at its time limit keeps what it finished
-                with open(o.json, "w") as f:
+            if opts.json:  # after every case: a step stopped at its time limit keeps what it finished
+                with open(opts.json, "w") as f:
                     json.dump(records, f, indent=1)
             for line in r.profile:
                 print(line, flush=True)
