@@ -38,6 +38,7 @@ class ConfigError(InputError):
 
 # The paper's sizes (and debug ones) as a table, here rather than in model.py so that checking a config
 # (every stage's driver does) does not import torch.
+# The paper's Table 1 (Ti and S from DeiT, g from Zhai et al. "Scaling Vision Transformers").
 VARIANTS: dict[str, dict[str, int]] = {
     "Ti": dict(width=192, depth=12, mlp=768, heads=3),
     "S": dict(width=384, depth=12, mlp=1536, heads=6),

@@ -17,7 +17,6 @@ from torch import nn
 from pretrain.config import VARIANTS, parse_variant
 from pretrain.cpu_bf16 import Linear
 
-# The paper's Table 1 (Ti and S from DeiT, g from Zhai et al. "Scaling Vision Transformers").
 @dataclass(frozen=True)
 class ViTConfig:
     """One ViT's shape and options; ``ViTConfig.from_variant("L/16", ...)`` fills the sizes from ``VARIANTS``."""
