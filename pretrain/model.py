@@ -17,6 +17,7 @@ from torch import nn
 from pretrain.config import VARIANTS, parse_variant
 from pretrain.cpu_bf16 import Linear
 
+
 @dataclass(frozen=True)
 class ViTConfig:
     """One ViT's shape and options; ``ViTConfig.from_variant("L/16", ...)`` fills the sizes from ``VARIANTS``."""
