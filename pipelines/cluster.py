@@ -4,11 +4,15 @@ from __future__ import annotations
 from pipelines.config import RayConfig
 
 
-def ensure_ray(ray_cfg: RayConfig) -> None:
+def ensure_ray(ray_cfg: RayConfig, dashboard: bool = True) -> None:
     """``ray.init`` once per process; a no-op when Ray is already up (tests share one instance).
 
     No runtime_env here: local workers inherit this process's environment, and a submitted job
     already carries the one ``vitscale submit`` gave it (Ray refuses to merge a second one).
+    ``dashboard=False`` starts a local instance without the dashboard, a process that takes a few
+    seconds of CPU to start; only Ray Train needs it, so the shard command alone goes without.
+    Joining a running cluster (``ray.address: auto``) starts nothing. Ray must start from the main
+    thread (from another one it waits for its GCS and gives up).
     """
     import ray
 
@@ -17,4 +21,24 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
     # null means a new local instance ("local"), never whatever /tmp/ray/ray_current_cluster or
     # $RAY_ADDRESS point at. Local Ray keeps its dashboard on 127.0.0.1 (Ray's default): Ray Train's
     # controller asks it for actor state, and a run without it logs tracebacks.
-    ray.init(address=ray_cfg.address or "local")
+    address = ray_cfg.address or "local"
+    if address == "local" and not dashboard:
+        ray.init(address=address, include_dashboard=False)
+    else:
+        ray.init(address=address)
+
+
+def _import(modules: tuple[str, ...]) -> None:
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+
+
+def warm_workers(modules: tuple[str, ...]) -> list:
+    """One task per CPU of the cluster that imports ``modules``: the workers Ray starts do their imports
+    now (while the driver plans), not when the first real tasks reach them. Returns the tasks' refs."""
+    import ray
+
+    task = ray.remote(_import).options(num_cpus=1, scheduling_strategy="SPREAD")
+    return [task.remote(modules) for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]

@@ -1,11 +1,15 @@
 """Per-image work of the shard stage: decode, check, orient, convert to RGB, resize, encode JPEG.
 
 Kept minimal on purpose, since it is the stage's hot loop: JPEG inputs are decoded with DCT scaling
-(draft mode) straight to about the target size, the rest of the downscale is torch's antialiased
-uint8 bicubic resize on a channels-last view (the arithmetic of Pillow's bicubic, within two grey levels,
-and about 6x faster: Pillow's resize, not the decoder, was most of this loop's time), and an RGB JPEG
-already within size is checked (decoded at 1/8 scale) and stored as its original bytes instead of being
-re-encoded.
+(Pillow's draft mode: 1/2, 1/4 or 1/8, libjpeg-turbo underneath) straight to the smallest size at
+least the target's, OpenCV does the rest of the downscale (``_resize`` says which filter and why), and
+Pillow encodes. An RGB JPEG already within size is checked (decoded at 1/8 scale) and stored as its
+original bytes instead of being re-encoded. Decoding, resizing and encoding release the GIL, so a
+task's fetch threads convert images while other downloads go on.
+
+Measured per image on the benchmark corpus (one core, CPU time): about 1.4 ms against 1.7 to 1.8 ms
+with torch's antialiased bicubic. libjpeg-turbo's other DCT scales (3/4, 5/8, ... through simplejpeg)
+were slower, not faster (their scaled IDCTs have no SIMD), and 2 dB further from the old pictures.
 """
 from __future__ import annotations
 
@@ -16,9 +20,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import cv2
 import numpy as np
-import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageMode, UnidentifiedImageError
 
 from pipelines.config import ShardConfig
@@ -37,6 +40,8 @@ TRANSPOSE = {
 }
 # What Pillow raises on broken files, depending on the format and where the damage is.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+cv2.setNumThreads(1)  # one task per CPU: OpenCV's own threads would oversubscribe it
 
 
 @dataclass(frozen=True)
@@ -95,15 +100,19 @@ def _crop_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def _resize(im: Image.Image, size: tuple[int, int], box: Optional[tuple[int, int, int, int]]) -> Image.Image:
-    """Antialiased bicubic resize of an RGB image (of its ``box`` when given) to ``size`` (w, h)."""
-    pixels = np.array(im)  # (h, w, 3), writable
+def _resize(pixels: np.ndarray, size: tuple[int, int], box: Optional[tuple[int, int, int, int]]) -> np.ndarray:
+    """Resize RGB ``pixels`` (h, w, 3) (their ``box`` when given) to ``size`` (w, h) without aliasing.
+
+    After draft decoding a JPEG is within 2x of its output, where bilinear already uses every input
+    pixel (at 2x it is the 2x2 mean). On the benchmark corpus it was 4x faster than OpenCV's area
+    resize at these non-integer factors and within 1 dB of it: 42.6 dB PSNR against the old path
+    (draft, Pillow's antialiased bicubic), encodes included. Larger factors (other formats, huge
+    images) take the area mean."""
     if box is not None:
         left, top, right, bottom = box
         pixels = pixels[top:bottom, left:right]
-    chw = torch.from_numpy(pixels).permute(2, 0, 1)  # channels-last memory: torch's vectorised uint8 kernel
-    out = TF.resize(chw, [size[1], size[0]], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return Image.fromarray(np.ascontiguousarray(out.permute(1, 2, 0).numpy()))
+    within_2x = 2 * size[0] >= pixels.shape[1] and 2 * size[1] >= pixels.shape[0]
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR if within_2x else cv2.INTER_AREA)  # (h, w, 3)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -147,9 +156,9 @@ def _load(im: Image.Image, settings: ImageSettings) -> None:
     im.load()
 
 
-def _encode(im: Image.Image, quality: int) -> bytes:
+def _encode(pixels: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)  # (h, w, 3) RGB
     return buf.getvalue()
 
 
@@ -198,7 +207,9 @@ def _process_open(im: Image.Image, data: bytes, settings: ImageSettings) -> Enco
         raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None
     if orientation != 1:
         im = im.transpose(TRANSPOSE[orientation])
+    pixels = np.asarray(im)  # (h, w, 3)
     if out is not None:
-        im = _resize(im, out, _crop_box(im.size) if settings.resize_mode == "center_crop" else None)
-    return Encoded(_encode(im, settings.quality), original, im.size, kept_original=False)
+        pixels = _resize(pixels, out, _crop_box(im.size) if settings.resize_mode == "center_crop" else None)
+    return Encoded(_encode(pixels, settings.quality), original, (pixels.shape[1], pixels.shape[0]),
+                   kept_original=False)
 

@@ -1,15 +1,17 @@
 """The shard stage: an image index becomes WebDataset shards, one Ray task per shard.
 
-Flow (the driver never holds index rows): hash the source and settings -> make the source's plan
-(parquet is read in place; other kinds are streamed into a plan parquet) -> cut rows into shards of
-``samples_per_shard`` in index order -> run one task per missing shard, a bounded number in flight,
-each handed only its row range -> each task publishes ``{N}.tar``, then ``{N}.stats.json`` as its
-commit marker -> the manifest, last. A rerun skips shards whose stats exist and clears temporaries; a
-finished directory (its manifest's hash matches) is returned as it is. The output may be a local
-folder or an object-storage prefix (``s3://...``): ``pretrain.storage`` publishes either way.
+Flow (the driver never holds index rows, nor per-sample failures: it keeps counts): hash the source
+and settings -> make the source's plan (parquet is read in place; other kinds are streamed into a plan
+parquet) -> cut rows into shards of ``samples_per_shard`` in index order -> run one task per missing
+shard, a bounded number in flight, each handed only its row range -> each task publishes ``{N}.tar``,
+then ``{N}.stats.json`` as its commit marker -> ``failures.parquet``, merged from the stats files ->
+the manifest, last. A rerun skips shards whose stats exist and clears temporaries; a finished directory
+(its manifest's hash matches) is returned as it is. The output may be a local folder or an
+object-storage prefix (``s3://...``): ``pretrain.storage`` publishes either way.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,7 +20,8 @@ import shutil
 import sys
 import time
 from collections import Counter
-from typing import Iterable, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from pipelines.config import Config, ShardConfig
 from pipelines.images import ImageSettings
@@ -34,7 +37,11 @@ from pretrain.redact import redact
 from pretrain.tracking import Tracker
 
 PLAN_DIR = ".plan"
+FAILURES = "failures.parquet"  # every per-sample failure of a finished dataset, merged from the stats files
 LOG_EVERY_S = 10.0
+RunId = Union[str, None, Callable[[], Optional[str]]]  # an MLflow run's id, or a call that waits for it
+TASK_MODULES = ("pipelines.shard",)  # what a shard task imports (warmed ahead of the tasks)
+WARM_WAIT_S = 60.0  # past this, the shard tasks go out with some workers still importing
 
 
 # --------------------------------------------------------------------------- identity of a stage run
@@ -98,9 +105,10 @@ def _complete(out: str, manifest: Optional[dict], digest: str) -> bool:
 # --------------------------------------------------------------------------- the stage
 
 
-def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional[str] = None) -> dict:
+def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: RunId = None) -> dict:
     """Make (or finish) the shards of ``cfg.shard.source`` under ``out_dir`` (default ``{workdir}/shards``)
-    and return the manifest. Stage metrics go to the MLflow run ``run_id`` when given."""
+    and return the manifest. Stage metrics go to the MLflow run ``run_id`` when given: its id, or a call
+    that returns it, made once Ray is up and the plan made (MLflow's set-up can go on meanwhile)."""
     out = shard_dir(cfg, out_dir)
     storage.makedirs(out)
     digest = stage_hash(cfg)
@@ -113,25 +121,27 @@ def run_shard_stage(cfg: Config, out_dir: Optional[str] = None, run_id: Optional
         return _make_shards(cfg, out, digest, run_id)
 
 
-def _make_shards(cfg: Config, out: str, digest: str, run_id: Optional[str]) -> dict:
+def _make_shards(cfg: Config, out: str, digest: str, run_id: RunId) -> dict:
+    workers_ready = _workers_up(cfg)  # before planning, so that the workers start and import meanwhile
     plan, jobs = plan_stage(cfg, out, digest)
     present = set(storage.listdir(out))
     todo = [j for j in jobs if stats_name(j.index) not in present]
     _say(f"shard: {cfg.shard.source} -> {out}: {plan.num_rows} rows, {len(jobs)} shards "
          f"({len(jobs) - len(todo)} already done), {len(plan.label_names)} classes")
     ctx = TaskContext(plan.table, plan.label_names, ImageSettings.from_config(cfg.shard), cfg.shard.download, out)
-    tracker = tracker_for(cfg, run_id)
+    workers_ready()
+    tracker = tracker_for(cfg, run_id() if callable(run_id) else run_id)
     try:
         t0 = time.perf_counter()
-        written, errors = _run_tasks(cfg, ctx, todo, len(jobs), tracker)
+        tally, errors = _run_tasks(cfg, ctx, todo, len(jobs), tracker)
         seconds = time.perf_counter() - t0
         if errors:
-            _log_metrics(tracker, written, seconds, len(jobs) - len(todo))
+            _log_metrics(tracker, tally, seconds, len(jobs) - len(todo))
             raise RuntimeError(failure_report(out, errors, len(todo)))
-        manifest = build_manifest(cfg, out, plan, jobs, digest)
+        manifest = build_manifest(cfg, out, plan, jobs, digest)  # also publishes failures.parquet
         storage.write_json(storage.join(out, MANIFEST), manifest)  # last: the dataset is complete
         storage.remove(storage.join(out, PLAN_DIR), recursive=True)
-        _log_metrics(tracker, written, seconds, len(jobs) - len(todo), manifest)
+        _log_metrics(tracker, tally, seconds, len(jobs) - len(todo), manifest)
         tracker.log_dict(manifest, MANIFEST)
     finally:
         tracker.close()
@@ -175,6 +185,7 @@ def _claim(out: str, digest: str) -> None:
             if stem.isdigit() and name.endswith(".tar"):
                 storage.remove(storage.join(out, name))
         storage.remove(storage.join(out, PLAN_DIR), recursive=True)
+        storage.remove(storage.join(out, FAILURES))
     elif previous is None and any(n.endswith(".stats.json") for n in names):
         raise InputError(f"shard output {out}: holds shard files this stage did not write; use another folder")
     storage.write_json(marker, {"hash": digest, "format": FORMAT})
@@ -263,23 +274,37 @@ def _jobs(num_rows: int, per_shard: int, holdout: int = 0) -> list[ShardJob]:
             [ShardJob(len(train) + i, a, b, "holdout") for i, (a, b) in enumerate(held)])
 
 
+def _workers_up(cfg: Config) -> Callable[[], object]:
+    """Ray up (started, or joined), and one import task per CPU, so that the first shard tasks find
+    warm workers: a worker's first task would otherwise spend its first seconds importing. Returns a
+    call that waits for those imports (at most ``WARM_WAIT_S``): shard tasks sent after them are spread
+    over every node, where sent earlier they would crowd onto the nodes that happened to be ready."""
+    import ray
+
+    from pipelines.cluster import ensure_ray, warm_workers
+
+    ensure_ray(cfg.ray)
+    refs = warm_workers(TASK_MODULES)
+    return lambda: ray.wait(refs, num_returns=len(refs), timeout=WARM_WAIT_S)
+
+
 def _shard_task(ctx: TaskContext, job: ShardJob) -> dict:
     import ray
-    import torch
 
-    torch.set_num_threads(1)  # one task per CPU: intra-op threads in the resize would oversubscribe
-    return write_shard(ctx, job, node_id=ray.get_runtime_context().get_node_id())
+    stats = write_shard(ctx, job, node_id=ray.get_runtime_context().get_node_id())
+    # The per-sample failures stay in the stats file: sent to the driver, they would pile up there.
+    return {k: v for k, v in stats.items() if k != "failures"}
 
 
 def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards: int,
-               tracker: Tracker) -> tuple[list[dict], list[tuple[ShardJob, Exception]]]:
-    """Run the shard tasks, at most ``max_in_flight`` at a time; return their stats and the failures."""
+               tracker: Tracker) -> tuple["Tally", list[tuple[ShardJob, Exception]]]:
+    """Run the shard tasks, at most ``max_in_flight`` at a time; return their counts and the failures."""
     import ray
 
     from pipelines.cluster import ensure_ray
 
     if not todo:
-        return [], []
+        return Tally(), []
     ensure_ray(cfg.ray)
     limit = cfg.shard.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     task = ray.remote(_shard_task).options(num_cpus=1, max_retries=cfg.shard.task_retries,
@@ -288,7 +313,7 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
     progress = Progress(total_shards, total_shards - len(todo), tracker)
     pending: dict = {}
     queue = iter(todo)
-    written: list[dict] = []
+    tally = Tally()
     errors: list[tuple[ShardJob, Exception]] = []
     try:
         while True:
@@ -305,7 +330,7 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
                     errors.append((job, e))
                     progress.fail(job)
                     continue
-                written.append(stats)
+                tally.add(stats)
                 progress.update(stats)
     except BaseException:
         for ref in pending:  # stop the rest; their temporaries are cleared by the next run
@@ -313,7 +338,7 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
         raise
     finally:
         progress.close()
-    return written, errors
+    return tally, errors
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -390,21 +415,94 @@ class Progress:
 # --------------------------------------------------------------------------- manifest and metrics
 
 
+class Tally:
+    """A stage run's finished shards folded into counts as they arrive: what the driver keeps of them,
+    bounded by the number of distinct failure reasons, whatever the number of rows or failures."""
+
+    def __init__(self):
+        self.shards = self.ok = self.failed = self.bytes = 0
+        self.reasons: Counter = Counter()
+
+    def add(self, stats: dict) -> None:
+        self.shards += 1
+        self.ok += stats["ok"]
+        self.failed += stats["failed"]
+        self.bytes += stats["bytes"]
+        self.reasons.update(stats["failed_by_reason"])
+
+
+class FailureLog:
+    """Every shard's per-sample failures, in shard order, merged into one parquet file for people who
+    want to look (the stats files stay the record). Rows are written in groups of ``GROUP``, so at most
+    one group and one shard's stats are in memory. Written beside the target (local scratch for object
+    storage) and published whole when the block exits without an error."""
+
+    COLUMNS = ("key", "source", "reason", "detail")
+    GROUP = 1 << 14
+
+    def __init__(self, location: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.location = location
+        self.scratch = storage.scratch_dir("failures") if storage.is_remote(location) else None
+        self.tmp = (os.path.join(self.scratch, FAILURES) if self.scratch else storage.temporary_name(location))
+        self.schema = pa.schema([(c, pa.string()) for c in self.COLUMNS])
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.pending: list = []
+        self.buffered = 0
+
+    def add(self, failures: list[dict]) -> None:
+        import pyarrow as pa
+
+        if failures:
+            self.pending.append(pa.Table.from_pylist(failures, schema=self.schema))
+            self.buffered += len(failures)
+        if self.buffered >= self.GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.GROUP)
+        self.pending, self.buffered = [], 0
+
+    def __enter__(self) -> "FailureLog":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            if kind is None:
+                self._flush()
+            self.writer.close()
+            if kind is None:
+                storage.publish_file(self.tmp, self.location)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+            if self.scratch:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+
+
 def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], digest: str) -> dict:
     """The dataset's manifest from the stats files (deterministic: no timings, no hosts). ``shards``
     lists the training shards (what the loader reads), ``holdout`` the validation shards; ``totals``
-    count them all."""
+    count them all. On the way, each shard's failures go to ``failures.parquet`` (published before
+    the caller writes the manifest); one stats file is read at a time."""
     listed: dict[str, list] = {"train": [], "holdout": []}
     totals, reasons = Counter(), Counter()
-    for job in jobs:
-        stats = storage.read_json_or_none(stats_path(out, job.index))
-        if stats is None:
-            raise RuntimeError(f"shard: {stats_path(out, job.index)} is missing or unreadable")
-        listed[job.split].append({"name": stats["name"], "samples": stats["ok"], "total": stats["total"],
-                                  "failed": stats["failed"], "bytes": stats["bytes"], "sha256": stats["sha256"]})
-        for k in ("total", "ok", "failed", "bytes", "kept_original"):
-            totals[k] += stats[k]
-        reasons.update(stats["failed_by_reason"])
+    with FailureLog(storage.join(out, FAILURES)) as failures:
+        for job in jobs:
+            stats = storage.read_json_or_none(stats_path(out, job.index))
+            if stats is None:
+                raise RuntimeError(f"shard: {stats_path(out, job.index)} is missing or unreadable")
+            listed[job.split].append({"name": stats["name"], "samples": stats["ok"], "total": stats["total"],
+                                      "failed": stats["failed"], "bytes": stats["bytes"], "sha256": stats["sha256"]})
+            for k in ("total", "ok", "failed", "bytes", "kept_original"):
+                totals[k] += stats[k]
+            reasons.update(stats["failed_by_reason"])
+            failures.add(stats["failures"])
     return {
         "format": FORMAT,
         "source": redact(cfg.shard.source),
@@ -422,19 +520,13 @@ def build_manifest(cfg: Config, out: str, plan: Plan, jobs: Iterable[ShardJob], 
     }
 
 
-def _log_metrics(tracker: Tracker, written: list[dict], seconds: float, skipped: int,
+def _log_metrics(tracker: Tracker, tally: Tally, seconds: float, skipped: int,
                  manifest: Optional[dict] = None) -> None:
     """This run's work (images/s counts only what it did) and, when finished, the dataset's totals."""
-    reasons = Counter()
-    for s in written:
-        reasons.update(s["failed_by_reason"])
-    ok = sum(s["ok"] for s in written)
-    failed = sum(s["failed"] for s in written)
-    values = {"shard.images_ok": ok, "shard.images_failed": failed, "shard.seconds": seconds,
-              "shard.images_per_s": (ok + failed) / seconds if seconds > 0 else 0.0,
-              "shard.bytes": sum(s["bytes"] for s in written), "shard.shards_written": len(written),
-              "shard.shards_skipped": skipped,
-              **{f"shard.failed.{r}": n for r, n in reasons.items()}}
+    values = {"shard.images_ok": tally.ok, "shard.images_failed": tally.failed, "shard.seconds": seconds,
+              "shard.images_per_s": (tally.ok + tally.failed) / seconds if seconds > 0 else 0.0,
+              "shard.bytes": tally.bytes, "shard.shards_written": tally.shards, "shard.shards_skipped": skipped,
+              **{f"shard.failed.{r}": n for r, n in tally.reasons.items()}}
     if manifest:
         values.update({f"shard.dataset_{k}": v for k, v in manifest["totals"].items()})
         values["shard.num_classes"] = manifest["num_classes"]
@@ -444,12 +536,35 @@ def _log_metrics(tracker: Tracker, written: list[dict], seconds: float, skipped:
 # --------------------------------------------------------------------------- command line
 
 
+@contextlib.contextmanager
+def _entered_aside(manager) -> Iterator[Callable[[], object]]:
+    """Enter ``manager`` in a thread; yield a call that waits for its value. It is exited here, with
+    this block's outcome, once entered (a block that fails first still waits for the entry)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="stage-setup")
+    entering = pool.submit(manager.__enter__)
+    pool.shutdown(wait=False)
+    try:
+        yield entering.result
+    except BaseException as e:
+        if entering.exception() is None and manager.__exit__(type(e), e, e.__traceback__):
+            return
+        raise
+    if entering.exception() is None:
+        manager.__exit__(None, None, None)
+
+
 def cli_main(cfg: Config, args) -> int:
     """``vitscale shard CONFIG`` / ``vitscale shard --source SRC --out DIR`` (the source is already in cfg)."""
-    from pipelines.tracking import stage_run
+    from pipelines.cluster import ensure_ray
+    from pipelines.tracking import _sigterm_raises, stage_run
 
     out = shard_dir(cfg, getattr(args, "out", None))
-    with Lease(out, "vitscale shard"), stage_run(cfg, "shard") as run_id:
+    # MLflow's set-up (its import, the store, the run) takes seconds: it runs in a thread while Ray
+    # starts here (Ray only starts from the main thread) and the plan is made, so they overlap instead
+    # of adding up. The SIGTERM handler is set here, since stage_run cannot set one from a thread.
+    with Lease(out, "vitscale shard"), _sigterm_raises(), _entered_aside(stage_run(cfg, "shard")) as run_id:
+        if storage.read_json_or_none(storage.join(out, MANIFEST)) is None:  # else maybe done: Ray when needed
+            ensure_ray(cfg.ray, dashboard=False)
         manifest = run_shard_stage(cfg, out, run_id=run_id)
     print(f"{manifest['totals']['ok']} images in {manifest['totals']['shards']} shards, "
           f"{manifest['num_classes']} classes: {storage.join(out, MANIFEST)}")

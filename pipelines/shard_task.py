@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
+import tarfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from typing import Optional
 
 from pipelines.config import DownloadConfig
 from pipelines.fetch import Fetcher, fetch_in_order, resolve
-from pipelines.images import ImageSettings, Rejected, process
+from pipelines.images import Encoded, ImageSettings, Rejected, process
 from pipelines.sources import Labels, Table, read_rows
 from pretrain import storage
 
@@ -81,6 +84,25 @@ def temporaries(out_dir: str, index: Optional[int] = None) -> list[str]:
     return glob.glob(os.path.join(_staging_dir(out_dir), f".{name}.*{storage.TMP_SUFFIX}"))
 
 
+class _SampleTar:
+    """WebDataset's tar layout, as ``webdataset.TarWriter`` writes it (a member ``KEY.EXT`` per field,
+    in sorted order, a stream-mode tar with fixed metadata), with ``tarfile`` alone: importing
+    webdataset imports torch, seconds of every worker's start for a writer of a dozen lines."""
+
+    def __init__(self, f):
+        self.tar = tarfile.open(fileobj=f, mode="w|")
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        for ext in sorted(fields):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(fields[ext]), TAR_MTIME, 0o444
+            info.uname = info.gname = TAR_USER
+            self.tar.addfile(info, io.BytesIO(fields[ext]))
+
+    def close(self) -> None:
+        self.tar.close()
+
+
 class _HashingSink:
     """A write-only file wrapper that hashes and counts what passes through (tar streams only write)."""
 
@@ -107,8 +129,6 @@ def _label_members(labels: Labels, raw: object) -> dict:
 
 def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) -> dict:
     """Write shard ``job.index`` and its stats file; return the stats."""
-    import webdataset as wds
-
     t0, cpu0 = time.perf_counter(), time.process_time()
     for stale in temporaries(ctx.out_dir, job.index):  # from an attempt whose worker died
         os.remove(stale)
@@ -119,27 +139,32 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     tmp = storage.temporary_name(os.path.join(_staging_dir(ctx.out_dir), os.path.basename(final)))
     failures: list[dict] = []
     kept = 0
+    one_decode = threading.Lock()  # one image decoded at a time per task, as max_decoded_mb promises
 
-    def fetch(row: tuple) -> Optional[bytes]:
-        location, _, error = row
-        return fetcher.fetch(location) if location and not error else None
+    def prepare(row: tuple) -> tuple[dict, Encoded]:
+        """Fetch and convert one row, in a fetch thread: the heavy parts release the GIL, so images are
+        converted while other downloads (and the writes of the main thread) go on, in any order."""
+        location, raw_label, error = row
+        if error:
+            raise Rejected(*error.split(": ", 1))
+        if not location:
+            raise Rejected("bad_row", "no path in this row")
+        members = _label_members(labels, raw_label)
+        data = fetcher.fetch(location)
+        with one_decode:
+            return members, process(data, ctx.settings)
 
     def remote(row: tuple) -> bool:
-        return bool(row[0]) and storage.is_remote(resolve(row[0], ctx.table.base))
+        return bool(row[0]) and not row[2] and storage.is_remote(resolve(row[0], ctx.table.base))
 
     with open(tmp, "wb") as raw:
         sink = _HashingSink(raw)
-        writer = wds.TarWriter(sink, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER)
-        for i, (row, future) in enumerate(fetch_in_order(fetch, rows, ctx.download.threads, remote)):
-            location, raw_label, error = row
+        writer = _SampleTar(sink)
+        for i, (row, future) in enumerate(fetch_in_order(prepare, rows, ctx.download.threads, remote)):
+            location = row[0]
             key = f"{shard_name(job.index)}_{i:06d}"
             try:
-                if error:
-                    raise Rejected(*error.split(": ", 1))
-                if not location:
-                    raise Rejected("bad_row", "no path in this row")
-                members = _label_members(labels, raw_label)
-                image = process(future.result(), ctx.settings)
+                members, image = future.result()
             except Rejected as e:
                 failures.append({"key": key, "source": location, "reason": e.reason, "detail": str(e)})
                 continue
@@ -149,8 +174,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
                 continue
             meta = {"source": location, "original_size": list(image.original_size),
                     "size": list(image.size), **members.pop("meta")}
-            writer.write({"__key__": key, "jpg": image.data, **members,
-                          "json": json.dumps(meta, sort_keys=True).encode()})
+            writer.write(key, {"jpg": image.data, **members, "json": json.dumps(meta, sort_keys=True).encode()})
             kept += image.kept_original
         writer.close()
         raw.flush()

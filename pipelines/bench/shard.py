@@ -10,6 +10,8 @@ Measured, on the same corpus and settings (keep_ratio 256, quality 95):
 - the stage (``run_shard_stage`` on a local Ray, folder source, tars written) with 1 worker, 2
   workers, and all cores; per-core figures divide by the workers used;
 - planning a generated 10M-row parquet index in a fresh process: seconds and peak memory.
+
+``--vs img2dataset`` first runs the stage beside img2dataset on loopback URLs (``shard_vs.py``).
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
     ap.add_argument("--plan-rows", type=float, default=10e6, help="rows of the planning index (0 = skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vs", choices=["img2dataset"], help="first, the whole stage beside this peer on loopback URLs")
+    ap.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=[6000, 30000],
+                    help="--vs: URL counts, comma-separated")
+    ap.add_argument("--distinct", type=int, default=6000, help="--vs: distinct photos behind the URLs")
+    ap.add_argument("--img2dataset", help="--vs: img2dataset's command (default: beside this Python, or on PATH)")
     return ap.parse_args(argv)
 
 
@@ -201,6 +208,12 @@ def main(args: argparse.Namespace) -> int:
 
     cores = os.cpu_count() or 1
     os.makedirs(opts.dir, exist_ok=True)
+    if opts.vs:
+        from pipelines.bench.shard_vs import head_to_head
+
+        vs_corpus = os.path.join(opts.dir, "corpus_vs")
+        head_to_head(opts, vs_corpus, make_corpus(vs_corpus, opts.distinct, opts.seed))
+        print("\nthe second table: the stage beside a plain Pillow loop", flush=True)
     corpus = os.path.join(opts.dir, "corpus")
     t0 = time.perf_counter()
     paths = make_corpus(corpus, opts.images, opts.seed)
@@ -249,5 +262,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"planning a {p['rows']:,}-row parquet index ({p['classes']} string labels, {p['shards']} shards): "
               f"{p['seconds']:.1f} s, peak driver memory {p['peak_mb']:.0f} MB "
               f"(after imports {p['before_mb']:.0f} MB; target <= 1024 MB)")
+        from pipelines.bench.shard_plan import figures
+
+        print("\n".join(figures(opts.dir, int(opts.plan_rows), baseline=False)), flush=True)
     return 0
 
