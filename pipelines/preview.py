@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pretrain import storage
 from pretrain.errors import InputError
+from pretrain.shard_format import PREVIEW
 
 TILE = 96  # pixels per sample, square
 CAPTION = 14  # pixels of text under each tile
 HEADER = 20  # pixels of text above the grid
-PREVIEW = "preview.png"
 MAX_SCAN = 5000  # samples read at most: shards are written in a shuffled order, so a few hundred usually do
 
 

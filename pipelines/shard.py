@@ -32,12 +32,11 @@ from pipelines.tracking import tracker_for
 from pretrain import storage
 from pretrain.errors import InputError
 from pretrain.lease import Lease
-from pretrain.shard_format import FORMAT, MANIFEST, STAGE_MARKER
+from pretrain.shard_format import FAILURES, FORMAT, MANIFEST, PREVIEW, STAGE_MARKER
 from pretrain.redact import redact
 from pretrain.tracking import Tracker
 
 PLAN_DIR = ".plan"
-FAILURES = "failures.parquet"  # every per-sample failure of a finished dataset, merged from the stats files
 LOG_EVERY_S = 10.0
 RunId = Union[str, None, Callable[[], Optional[str]]]  # an MLflow run's id, or a call that waits for it
 TASK_MODULES = ("pipelines.shard",)  # what a shard task imports (warmed ahead of the tasks)
@@ -186,6 +185,7 @@ def _claim(out: str, digest: str) -> None:
                 storage.remove(storage.join(out, name))
         storage.remove(storage.join(out, PLAN_DIR), recursive=True)
         storage.remove(storage.join(out, FAILURES))
+        storage.remove(storage.join(out, PREVIEW))
     elif previous is None and any(n.endswith(".stats.json") for n in names):
         raise InputError(f"shard output {out}: holds shard files this stage did not write; use another folder")
     storage.write_json(marker, {"hash": digest, "format": FORMAT})

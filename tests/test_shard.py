@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import os
 import signal
@@ -16,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from pipelines.config import load_config, replace
 from pipelines.shard import MANIFEST, run_shard_stage, shards_complete
+from pretrain.shard_format import PREVIEW
 from shard_inputs import BAD_FILES, MAX_PIXELS, UNUSUAL_FILES, ImageServer, jpeg
 
 CLASSES = ["bird", "cat", "dog"]
@@ -267,8 +266,9 @@ def test_cli_logs_stage_metrics_to_mlflow(ray_local, tmp_path, capfd):
     make_folder(tmp_path / "images", per_class=3)
     wd, out = tmp_path / "wd", tmp_path / "cli_out"
     argv = ["shard", "--source", str(tmp_path / "images"), "--out", str(out),
-            "--set", f"workdir={wd}", "--set", "shard.image_size=32"]
+            "--set", f"workdir={wd}", "--set", "shard.image_size=32", "--preview"]
     assert main(argv) == 0
+    assert (out / PREVIEW).stat().st_size > 0  # the contact sheet, drawn after a real run
     assert "shard: 1/1 shards, 9 images ok, 0 failed" in capfd.readouterr().err  # log lines, not a bar: no TTY
     manifest = json.load(open(out / MANIFEST))
     assert manifest["totals"]["ok"] == 9 and manifest["source"] == str(tmp_path / "images")
