@@ -556,8 +556,9 @@ def _entered_aside(manager) -> Iterator[Callable[[], object]]:
 def cli_main(cfg: Config, args) -> int:
     """``vitscale shard CONFIG`` / ``vitscale shard --source SRC --out DIR`` (the source is already in cfg)."""
     from pipelines.cluster import ensure_ray
-    from pipelines.tracking import _sigterm_raises, stage_run
+    from pipelines.tracking import _sigterm_raises, stage_run, tracking_uri
 
+    tracking_uri(cfg.tracking, cfg.workdir)  # no MLflow for a remote workdir: a config error, before any work
     out = shard_dir(cfg, getattr(args, "out", None))
     # MLflow's set-up (its import, the store, the run) takes seconds: it runs in a thread while Ray
     # starts here (Ray only starts from the main thread) and the plan is made, so they overlap instead
