@@ -301,11 +301,8 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
     """Run the shard tasks, at most ``max_in_flight`` at a time; return their counts and the failures."""
     import ray
 
-    from pipelines.cluster import ensure_ray
-
     if not todo:
         return Tally(), []
-    ensure_ray(cfg.ray)
     limit = cfg.shard.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     task = ray.remote(_shard_task).options(num_cpus=1, max_retries=cfg.shard.task_retries,
                                            retry_exceptions=False, scheduling_strategy="SPREAD")
@@ -313,7 +310,6 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
     progress = Progress(total_shards, total_shards - len(todo), tracker)
     pending: dict = {}
     queue = iter(todo)
-    tally = Tally()
     errors: list[tuple[ShardJob, Exception]] = []
     try:
         while True:
@@ -330,7 +326,6 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
                     errors.append((job, e))
                     progress.fail(job)
                     continue
-                tally.add(stats)
                 progress.update(stats)
     except BaseException:
         for ref in pending:  # stop the rest; their temporaries are cleared by the next run
@@ -338,7 +333,7 @@ def _run_tasks(cfg: Config, ctx: TaskContext, todo: list[ShardJob], total_shards
         raise
     finally:
         progress.close()
-    return tally, errors
+    return progress.tally, errors
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -377,7 +372,7 @@ class Progress:
 
     def __init__(self, total: int, done: int, tracker: Tracker):
         self.total, self.done, self.tracker = total, done, tracker
-        self.ok = self.failed = 0
+        self.tally = Tally()  # this run's shards, as they arrive: what the driver keeps of them
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if sys.stderr.isatty():
@@ -386,23 +381,23 @@ class Progress:
             self.bar = tqdm(total=total, initial=done, unit="shard", desc="shard", file=sys.stderr)
 
     def rate(self) -> float:
-        return (self.ok + self.failed) / max(time.perf_counter() - self.t0, 1e-9)
+        return (self.tally.ok + self.tally.failed) / max(time.perf_counter() - self.t0, 1e-9)
 
     def update(self, stats: dict) -> None:
         self.done += 1
-        self.ok += stats["ok"]
-        self.failed += stats["failed"]
+        self.tally.add(stats)
+        ok, failed = self.tally.ok, self.tally.failed
         if self.bar is not None:
-            self.bar.set_postfix(ok=self.ok, failed=self.failed, img_s=f"{self.rate():.0f}", refresh=False)
+            self.bar.set_postfix(ok=ok, failed=failed, img_s=f"{self.rate():.0f}", refresh=False)
             self.bar.update(1)
         now = time.perf_counter()
         if now - self.last >= LOG_EVERY_S or self.done == self.total:
             self.last = now
             if self.bar is None:
-                _say(f"shard: {self.done}/{self.total} shards, {self.ok} images ok, {self.failed} failed, "
+                _say(f"shard: {self.done}/{self.total} shards, {ok} images ok, {failed} failed, "
                      f"{self.rate():.0f} images/s")
             self.tracker.log_metrics({"shard.progress_shards": self.done,
-                                      "shard.progress_images_per_s": self.rate()}, step=self.ok + self.failed)
+                                      "shard.progress_images_per_s": self.rate()}, step=ok + failed)
 
     def fail(self, job: ShardJob) -> None:
         _say(f"shard: shard {job.index:06d} failed")
@@ -416,8 +411,8 @@ class Progress:
 
 
 class Tally:
-    """A stage run's finished shards folded into counts as they arrive: what the driver keeps of them,
-    bounded by the number of distinct failure reasons, whatever the number of rows or failures."""
+    """Finished shards folded into counts: bounded by the number of distinct failure reasons, whatever
+    the number of rows or failures."""
 
     def __init__(self):
         self.shards = self.ok = self.failed = self.bytes = 0

@@ -10,11 +10,10 @@ result last, so any DeepSpeed knob can be reached without a new field here.
 from __future__ import annotations
 
 import copy
-import difflib
 import typing
 from typing import TYPE_CHECKING, Optional
 
-from pretrain.config import ConfigError, PretrainConfig
+from pretrain.config import ConfigError, PretrainConfig, did_you_mean
 
 if TYPE_CHECKING:  # transfer.py imports this module
     from pretrain.transfer import FinetuneJob
@@ -202,8 +201,8 @@ def _top_level_names() -> Optional[set]:
 
 
 def _hint(key: str, names) -> str:
-    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    close = did_you_mean(key, names)
+    return f" (did you mean {close}?)" if close else ""
 
 
 def _pydantic_models() -> dict[str, type]:
