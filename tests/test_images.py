@@ -179,3 +179,36 @@ def test_the_budget_counts_bands_bit_depth_and_the_draft_size():
     with pytest.raises(Rejected, match="too_large"):
         process(encode(big, "PNG"), small)
     assert process(encode(big, "JPEG", quality=90), small).size == (85, 64)  # decoded at 1/8 scale
+
+
+@pytest.mark.parametrize("size,settings", [
+    ((500, 350), ImageSettings(image_size=256)),  # under 2x: full decode, bilinear
+    ((640, 480), ImageSettings(image_size=64)),  # DCT scale 1/4, then area
+    ((1200, 900), ImageSettings(image_size=100)),  # 1/8
+    ((300, 200), ImageSettings(image_size=64, resize_mode="center_crop")),
+    ((60, 40), ImageSettings(image_size=64)),  # within size: the original bytes, checked at 1/8
+])
+def test_opencv_path_gives_the_pillow_paths_bytes(size, settings):
+    """The fast path (OpenCV decode, resize, encode) is the Pillow path's output byte for byte: both wrap
+    libjpeg-turbo with the same defaults and the same DCT scale."""
+    from pipelines.images import _opencv_jpeg, _pillow_path
+
+    data = jpeg(11, size, quality=92)
+    out = target_size(size, settings)
+    fast = _opencv_jpeg(data, size, out, settings)
+    slow = _pillow_path(Image.open(io.BytesIO(data)), data, settings, 1, out)
+    assert fast is not None and fast == slow
+    assert process(data, settings) == fast
+
+
+def test_a_jpeg_opencv_refuses_gets_pillows_reason():
+    """A cut-off stream: OpenCV gives no image, and the Pillow path then says why."""
+    from pipelines.images import _opencv_jpeg
+
+    data = jpeg(12, (500, 350), quality=95)
+    cut = data[: len(data) * 3 // 4]
+    assert _opencv_jpeg(cut, (500, 350), (366, 256), ImageSettings(image_size=256)) is None
+    with pytest.raises(Rejected) as err:
+        process(cut, ImageSettings(image_size=256))
+    assert err.value.reason == "undecodable"
+    assert "truncated" in str(err.value)
