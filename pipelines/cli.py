@@ -368,5 +368,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``vitscale`` console script: ``main``, then a local Ray it started is stopped, the exit hooks
+    run and the process ends without the interpreter's teardown. Freeing the objects of the ~3,000
+    modules that MLflow and Ray import takes about 1 s at the end of every command and changes
+    nothing a command wrote; threads and exit hooks are finished as a normal exit would."""
+    import atexit
+    import os
+    import threading
+
+    code = main()
+    from pipelines.cluster import stop_ray
+
+    stop_ray()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pipelines.config import RayConfig
 
+_STARTED_HERE = False  # whether ensure_ray started a local instance in this process (stop_ray stops only that)
+
 
 def ensure_ray(ray_cfg: RayConfig, dashboard: bool = True) -> None:
     """``ray.init`` once per process; a no-op when Ray is already up (tests share one instance).
@@ -14,6 +16,7 @@ def ensure_ray(ray_cfg: RayConfig, dashboard: bool = True) -> None:
     Joining a running cluster (``ray.address: auto``) starts nothing. Ray must start from the main
     thread (from another one it waits for its GCS and gives up).
     """
+    global _STARTED_HERE
     import ray
 
     if ray.is_initialized():
@@ -26,6 +29,32 @@ def ensure_ray(ray_cfg: RayConfig, dashboard: bool = True) -> None:
         ray.init(address=address, include_dashboard=False)
     else:
         ray.init(address=address)
+    _STARTED_HERE = address == "local"
+
+
+def stop_ray() -> None:
+    """Stop the local instance ``ensure_ray`` started in this process (nothing else: a joined cluster,
+    or the one Ray a test session shares, stays up).
+
+    Called by the command once its work is published, not left to Ray's exit hook, which first
+    sleeps 0.5 s for log lines. Ray's shutdown sends SIGTERM to its processes one at a time and
+    waits up to 1 s for each; the autoscaler monitor's SIGTERM handler reports to the GCS, which is
+    already gone by then, so it always takes the whole second and then SIGKILL. A local instance
+    has nothing to autoscale, so the monitor is killed first (with a guard: this reaches into
+    ``ray._private``, pinned to one Ray minor version in pyproject.toml).
+    """
+    global _STARTED_HERE
+    import ray
+
+    if not (_STARTED_HERE and ray.is_initialized()):
+        return
+    from ray._private import worker
+
+    processes = getattr(getattr(worker, "_global_node", None), "all_processes", None) or {}
+    for info in processes.get("monitor", []):
+        info.process.kill()
+    ray.shutdown()
+    _STARTED_HERE = False
 
 
 def _import(modules: tuple[str, ...]) -> None:

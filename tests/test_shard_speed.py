@@ -88,6 +88,44 @@ def test_warm_workers_import_in_every_cpus_worker(ray_local):
     assert ray.get(refs, timeout=120) == [None] * len(refs)
 
 
+def test_stop_ray_leaves_a_ray_it_did_not_start_running(ray_local):
+    """The command stops only the local Ray it started: the one this test session shares stays up."""
+    from pipelines.cluster import ensure_ray, stop_ray
+    from pipelines.config import RayConfig
+
+    ensure_ray(RayConfig())  # already up: joins nothing, starts nothing
+    stop_ray()
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU")
+
+
+STOP_RAY = """
+import ray
+from ray._private import worker
+from pipelines.cluster import ensure_ray, stop_ray
+from pipelines.config import RayConfig
+ensure_ray(RayConfig(), dashboard=False)
+processes = {kind: [i.process for i in infos] for kind, infos in worker._global_node.all_processes.items()}
+stop_ray()
+assert not ray.is_initialized()
+codes = {kind: [p.wait(10) for p in ps] for kind, ps in processes.items()}  # raises if one is left running
+print(sorted(codes))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stop_ray_stops_the_local_instance_it_started(tmp_path):
+    """In a fresh process (no Ray up), ``stop_ray`` shuts down what ``ensure_ray`` started, its
+    autoscaler monitor killed first (see ``stop_ray``), and no head process is left running."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", STOP_RAY], capture_output=True, text=True, timeout=100,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {"raylet", "gcs_server", "monitor"} <= set(eval(res.stdout.strip().splitlines()[-1]))
+
+
 def test_the_shard_tar_is_byte_for_byte_what_webdatasets_writer_writes():
     """The tasks write tars without importing webdataset (and with it torch): the same bytes."""
     import io
