@@ -99,6 +99,7 @@ def test_stop_ray_leaves_a_ray_it_did_not_start_running(ray_local):
 
 
 STOP_RAY = """
+import json
 import ray
 from ray._private import worker
 from pipelines.cluster import ensure_ray, stop_ray
@@ -108,7 +109,7 @@ processes = {kind: [i.process for i in infos] for kind, infos in worker._global_
 stop_ray()
 assert not ray.is_initialized()
 codes = {kind: [p.wait(10) for p in ps] for kind, ps in processes.items()}  # raises if one is left running
-print(sorted(codes))
+print(json.dumps(sorted(codes)))
 """
 
 
@@ -123,7 +124,7 @@ def test_stop_ray_stops_the_local_instance_it_started(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          env={**os.environ, "RAY_ADDRESS": ""})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert {"raylet", "gcs_server", "monitor"} <= set(eval(res.stdout.strip().splitlines()[-1]))
+    assert {"raylet", "gcs_server", "monitor"} <= set(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
 def test_the_shard_tar_is_byte_for_byte_what_webdatasets_writer_writes():
