@@ -45,6 +45,9 @@ class DownloadConfig:
     timeout_s: float = 10.0
     retries: int = 2
     threads: int = 16
+    # Connections to one host at a time, per task: a crawler's politeness (Scrapy's default is 8 per
+    # domain, browsers open 6 per host). A list over many hosts still keeps every thread busy. 0: no limit.
+    per_host: int = 4
     backoff_s: float = 0.5  # first retry waits this long, then doubles
     respect_noai: bool = True  # honour X-Robots-Tag: noai / noimageai
     # Schemes read through fsspec; http(s), file:// and plain paths are always read, with their own limits.
@@ -177,6 +180,7 @@ def validate(cfg: Config) -> None:
         "shard.max_decoded_mb": (s.max_decoded_mb, 1),
         "shard.download.threads": (s.download.threads, 1),
         "shard.download.retries": (s.download.retries, 0),
+        "shard.download.per_host": (s.download.per_host, 0),
         "shard.task_retries": (s.task_retries, 0),
         "shard.builtin.classes": (s.builtin.classes, 1),
         "shard.builtin.images_per_class": (s.builtin.images_per_class, 1),

@@ -7,9 +7,10 @@ reason (one failed image, never a failed stage):
   receive (a server that drips a byte at a time is cut at the deadline), at most ``MAX_BYTES``; the host
   and every redirect hop are resolved and refused when any address is not global (loopback, private,
   link-local: a node's cloud metadata endpoint) unless ``allow_private``, and the connection goes to the
-  address checked, so a second DNS answer cannot swap it. Retries with exponential backoff on timeouts,
-  dropped connections, 408/429/5xx; refuses images whose response says ``X-Robots-Tag: noai`` or
-  ``noimageai``.
+  address checked, so a second DNS answer cannot swap it. At most ``per_host`` connections to one host
+  at a time per task (a crawler's politeness; a list over many hosts keeps every thread busy).
+  Retries with exponential backoff on timeouts, dropped connections, 408/429/5xx; refuses images
+  whose response says ``X-Robots-Tag: noai`` or ``noimageai``.
 - local paths (relative ones are taken from the index's folder) and ``file://``: regular files only
   (FIFOs, devices, directories are refused without opening them), at most ``MAX_BYTES``.
 - other schemes go through fsspec, and only those in ``allowed_schemes`` (every link of a ``::`` chain):
@@ -17,6 +18,7 @@ reason (one failed image, never a failed stage):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import ipaddress
@@ -25,6 +27,7 @@ import os
 import socket
 import ssl
 import stat
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,6 +87,19 @@ class Fetcher:
     def __init__(self, download: DownloadConfig, base: Optional[str] = None):
         self.cfg = download
         self.base = base
+        self._hosts: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+        self._hosts_lock = threading.Lock()
+
+    def _host_slot(self, host: str, port: int) -> "threading.BoundedSemaphore | contextlib.nullcontext":
+        """What a request to ``host:port`` holds while it runs: one of ``per_host`` slots (waiting for a
+        slot is not part of the request's deadline), or nothing when unlimited."""
+        if self.cfg.per_host <= 0:
+            return contextlib.nullcontext()
+        with self._hosts_lock:
+            slot = self._hosts.get((host, port))
+            if slot is None:
+                slot = self._hosts[(host, port)] = threading.BoundedSemaphore(self.cfg.per_host)
+        return slot
 
     def fetch(self, location: str) -> bytes:
         """The bytes at ``location``, or ``Rejected`` with the reason (missing, http_404, timeout, ...)."""
@@ -125,7 +141,7 @@ class Fetcher:
     def _http(self, url: str) -> bytes:
         """One attempt at ``url``, its errors turned into reasons."""
         try:
-            return self._follow(url, time.monotonic() + self.cfg.timeout_s)
+            return self._follow(url)
         except TimeoutError:
             raise _Retryable(Rejected("timeout", f"not complete within {self.cfg.timeout_s:g} s: {url}")) from None
         except ssl.SSLCertVerificationError as e:
@@ -135,17 +151,22 @@ class Fetcher:
         except (OSError, http.client.HTTPException) as e:  # refused, reset, DNS failure, not HTTP at all
             raise _Retryable(Rejected("connection", f"{type(e).__name__}: {url}")) from None
 
-    def _follow(self, url: str, deadline: float) -> bytes:
-        """GET ``url``, following redirects ourselves so that every hop's scheme and address is checked."""
+    def _follow(self, url: str) -> bytes:
+        """GET ``url``, following redirects ourselves so that every hop's scheme and address is checked.
+        The attempt's ``timeout_s`` runs from its first connect (not while waiting for a host slot)."""
+        deadline = None
         for _ in range(MAX_REDIRECTS + 1):
-            conn = self._request(url, deadline)
-            try:
-                response = conn.getresponse()
-                location = response.getheader("Location") if response.status in REDIRECT_STATUS else None
-                if location is None:
-                    return self._body(response, url)
-            finally:
-                conn.close()
+            _, host, port, _ = _split(url)
+            with self._host_slot(host, port):
+                deadline = deadline or time.monotonic() + self.cfg.timeout_s
+                conn = self._request(url, deadline)
+                try:
+                    response = conn.getresponse()
+                    location = response.getheader("Location") if response.status in REDIRECT_STATUS else None
+                    if location is None:
+                        return self._body(response, url)
+                finally:
+                    conn.close()
             url = _redirect(url, location)
         raise Rejected("redirects", f"more than {MAX_REDIRECTS}: {url}")
 
@@ -335,16 +356,60 @@ def _read_fsspec(url: str, deadline: float) -> bytes:
         raise _Retryable(Rejected("connection", f"{type(e).__name__}: {url}")) from None
 
 
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],
-                window: int) -> Iterator[tuple[T, Future]]:
-    """``(item, future)`` in input order, with at most ``window`` calls submitted ahead."""
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], running: int,
+                held_bytes: int = 0, size: Callable[[R], int] = lambda _: 0) -> Iterator[tuple[T, Future]]:
+    """``(item, future)`` in input order, with at most ``running`` calls unfinished at a time.
+
+    Calls go on while the first one in order is still out: a download that stalls (a server slow to
+    answer, a SYN dropped by a full accept queue and resent a second later) holds back only its own
+    place in the output, as long as the finished results waiting behind it hold under ``held_bytes``
+    (``size`` of each; past that, the stall is waited out). Only results in order leave, so the
+    output's order, and with it the shard's bytes, does not depend on timing."""
     pending: deque[tuple[T, Future]] = deque()
-    for item in items:
-        pending.append((item, pool.submit(fn, item)))
-        if len(pending) >= window:
-            yield pending.popleft()
-    while pending:
-        yield pending.popleft()
+    changed = threading.Condition()
+    state = {"running": 0, "held": 0}  # calls not finished; bytes of results finished, not yet handed on
+
+    def finished(future: Future) -> None:
+        with changed:
+            state["running"] -= 1
+            if not future.cancelled() and future.exception() is None:
+                state["held"] += size(future.result())
+            changed.notify()
+
+    todo = iter(items)
+    more = True
+    while True:
+        with changed:
+            while not (pending and pending[0][1].done()):  # the next in order is ready: hand it on
+                if more and state["running"] < running and state["held"] < max(1, held_bytes):
+                    break  # room for another call
+                if not more and not pending:
+                    return
+                if not more or state["running"] == 0:
+                    break  # nothing more to start: wait on the next in order itself
+                changed.wait()
+            start = not (pending and pending[0][1].done()) and more
+            if start:
+                state["running"] += 1
+        if start:
+            item = next(todo, _END)
+            if item is _END:
+                more = False
+                with changed:
+                    state["running"] -= 1
+                continue
+            future = pool.submit(fn, item)
+            future.add_done_callback(finished)
+            pending.append((item, future))
+            continue
+        item, future = pending.popleft()
+        yield item, future  # the consumer waits on it if it is not done yet
+        if not future.cancelled() and future.exception() is None:
+            with changed:
+                state["held"] -= size(future.result())
+
+
+_END = object()
 
 
 class Deferred:
@@ -357,8 +422,8 @@ class Deferred:
         return self.fn(self.item)
 
 
-def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int,
-                   remote: Callable[[T], bool]) -> Iterator[tuple[T, "Future | Deferred"]]:
+def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int, remote: Callable[[T], bool],
+                   held_bytes: int = 0, size: Callable[[R], int] = lambda _: 0) -> Iterator[tuple[T, "Future | Deferred"]]:
     """``(item, future)`` in input order. Items on the network are fetched ``threads`` at a time ahead
     of use; when there are none (local files read in microseconds), no threads are started at all,
     since handing each read to a thread costs more than the read."""
@@ -366,4 +431,4 @@ def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int,
         yield from ((item, Deferred(fn, item)) for item in items)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
-        yield from ordered_map(pool, fn, items, window=2 * threads + 2)
+        yield from ordered_map(pool, fn, items, running=2 * threads, held_bytes=held_bytes, size=size)

@@ -29,6 +29,7 @@ from pretrain import storage
 
 TAR_MTIME = 0  # fixed member metadata: reruns and other machines give the same bytes
 TAR_USER = "vitscale"
+HELD_BYTES = 64 << 20  # converted images that may wait behind a stalled download, per task
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,9 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     with open(tmp, "wb") as raw:
         sink = _HashingSink(raw)
         writer = _SampleTar(sink)
-        for i, (row, future) in enumerate(fetch_in_order(prepare, rows, ctx.download.threads, remote)):
+        converted = fetch_in_order(prepare, rows, ctx.download.threads, remote, held_bytes=HELD_BYTES,
+                                   size=lambda done: len(done[1].data))
+        for i, (row, future) in enumerate(converted):
             location = row[0]
             key = f"{shard_name(job.index)}_{i:06d}"
             try:

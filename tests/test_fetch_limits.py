@@ -245,3 +245,126 @@ def test_refusals_are_per_image_failures_of_the_stage(ray_local, tmp_path, serve
     assert manifest["totals"]["ok"] == 1
     assert manifest["failed_by_reason"] == {"not_a_file": 2, "private_address": 1, "scheme": 1, "too_large": 1}
     assert server.paths == []
+
+
+# --------------------------------------------------------------------------- results in order, stalls aside
+
+
+def _ordered(fn, n: int, threads: int = 4, held_bytes: int = 1 << 20, size=lambda r: 1):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [(item, f.result()) for item, f in
+                fetch.ordered_map(pool, fn, range(n), running=2 * threads, held_bytes=held_bytes, size=size)]
+
+
+def test_results_come_in_input_order_whatever_the_timing():
+    import random
+
+    delays = [random.Random(i).random() * 0.01 for i in range(200)]
+    assert _ordered(lambda i: (time.sleep(delays[i]), i * i)[1], 200) == [(i, i * i) for i in range(200)]
+
+
+def test_a_stalled_first_download_does_not_stop_the_others():
+    """Item 0 hangs until every other item has been fetched: with a window of a few items this would
+    never happen (the old behaviour), here the rest all finish behind it and then come out in order."""
+    others_done = threading.Event()
+    count = [0]
+    lock = threading.Lock()
+
+    def fn(i):
+        if i == 0:
+            assert others_done.wait(30), "the other items stopped behind the stalled first one"
+            return i
+        with lock:
+            count[0] += 1
+            if count[0] == 99:
+                others_done.set()
+        return i
+
+    assert _ordered(fn, 100) == [(i, i) for i in range(100)]
+
+
+def test_results_held_behind_a_stall_stay_within_the_byte_budget():
+    """While item 0 hangs, finished results pile up only to the budget (10 results of 100 bytes here),
+    plus the calls already running; then the stall is waited out and nothing is lost."""
+    release = threading.Event()
+    finished = []
+
+    def fn(i):
+        if i == 0:
+            release.wait(30)
+        finished.append(i)
+        return i
+
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(_ordered(fn, 100, held_bytes=1000, size=lambda r: 100)))
+    consumer.start()
+    deadline = time.monotonic() + 10
+    while len(finished) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # any call that was going to start has started by now
+    assert 10 <= len(finished) <= 10 + 8, len(finished)  # the budget, plus the calls running (2 x 4 threads)
+    release.set()
+    consumer.join(30)
+    assert got == [(i, i) for i in range(100)]
+
+
+def test_a_failure_comes_out_in_its_place():
+    def fn(i):
+        if i == 3:
+            raise Rejected("http_404", "x")
+        return i
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        got = []
+        for i, f in fetch.ordered_map(pool, fn, range(6), running=4, held_bytes=1 << 20, size=lambda r: 1):
+            try:
+                got.append(f.result())
+            except Rejected as e:
+                got.append(e.reason)
+    assert got == [0, 1, 2, "http_404", 4, 5]
+
+
+@pytest.mark.parametrize("per_host,most", [(2, 2), (0, 8)])
+def test_connections_to_one_host_are_capped_per_task(per_host, most):
+    """``per_host`` connections to one host at a time, however many threads fetch; 0 lifts the cap."""
+    from concurrent.futures import ThreadPoolExecutor
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"now": 0, "most": 0}
+    lock = threading.Lock()
+    arrived = threading.Barrier(most, timeout=10)  # with no cap, all 8 must be in at once to pass
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            with lock:
+                seen["now"] += 1
+                seen["most"] = max(seen["most"], seen["now"])
+            if per_host == 0:
+                arrived.wait()
+            time.sleep(0.2)
+            with lock:
+                seen["now"] -= 1
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fetcher = Fetcher(DownloadConfig(allow_private=True, per_host=per_host))
+        url = f"http://127.0.0.1:{server.server_address[1]}/x"
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(fetcher.fetch, [url] * 16)) == [b"ok"] * 16
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen["most"] == most
