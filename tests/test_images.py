@@ -187,6 +187,7 @@ def test_the_budget_counts_bands_bit_depth_and_the_draft_size():
     ((1200, 900), ImageSettings(image_size=100)),  # 1/8
     ((300, 200), ImageSettings(image_size=64, resize_mode="center_crop")),
     ((60, 40), ImageSettings(image_size=64)),  # within size: the original bytes, checked at 1/8
+    ((400, 300), ImageSettings(image_size=128, quality=75)),  # another quality: the same tables
 ])
 def test_opencv_path_gives_the_pillow_paths_bytes(size, settings):
     """The fast path (OpenCV decode, resize, encode) is the Pillow path's output byte for byte: both wrap
