@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``vitscale`` console script: ``main``, then a local Ray it started is stopped, the exit hooks
-    run and the process ends without the interpreter's teardown. Freeing the objects of the ~3,000
-    modules that MLflow and Ray import takes about 1 s at the end of every command and changes
-    nothing a command wrote; threads and exit hooks are finished as a normal exit would."""
+    run and the process ends without the interpreter's teardown: freeing the objects of the thousands
+    of modules MLflow and Ray import is a noticeable part of a short command (the README has the
+    figure) and changes nothing a command wrote. Threads and exit hooks finish as in a normal exit."""
     import atexit
     import os
     import threading

@@ -2,17 +2,15 @@
 
 Kept minimal on purpose, since it is the stage's hot loop. Pillow reads every header (format, size,
 mode, EXIF orientation), so every check and reason is Pillow's. The common input, an upright YCbCr
-JPEG, then goes through OpenCV, as img2dataset does: decoded with DCT
-scaling (1/2, 1/4 or 1/8, the scale Pillow's draft mode would choose) straight to the smallest size
-at least the target's, resized, and encoded, without a round trip through Pillow's image memory.
-Both wrap libjpeg-turbo with the same defaults, so the pixels and the JPEG bytes are the ones the
-Pillow path gives (``tests/test_images.py`` compares them); OpenCV is only faster (about 0.8 against
-1.3 ms to decode a 500x350 photo, 0.16 against 0.22 ms to encode its 256 px version). Every other
-input (other formats, rotated, grey or CMYK JPEGs) takes the Pillow path, and so does a JPEG OpenCV
-cannot decode (cut off, corrupt), so that the reason is Pillow's. An RGB JPEG already within size is checked
-(decoded at 1/8 scale) and stored as its original bytes instead of being re-encoded. Decoding,
-resizing and encoding release the GIL, so a task's fetch threads convert images while other
-downloads go on.
+JPEG, then goes through OpenCV, as img2dataset does: decoded with DCT scaling (1/2, 1/4 or 1/8, the
+scale Pillow's draft mode would choose) straight to the smallest size at least the target's, resized,
+and encoded. Both wrap libjpeg-turbo with the same defaults, so the pixels and the JPEG bytes are the
+ones the Pillow path gives (``tests/test_images.py`` compares them); OpenCV only skips Pillow's image
+memory and its copies (the README has the figures). Every other input (other formats, rotated, grey or
+CMYK JPEGs) takes the Pillow path, and so does a JPEG OpenCV cannot decode (cut off, corrupt), so that
+the reason is Pillow's. An RGB JPEG already within size is checked (decoded at 1/8 scale) and stored as
+its original bytes instead of being re-encoded. Decoding, resizing and encoding release the GIL, so a
+task's fetch threads convert images while other downloads go on.
 
 libjpeg-turbo's other DCT scales (3/4, 5/8, ... through simplejpeg) were slower, not faster (their
 scaled IDCTs have no SIMD), and 2 dB further from the old pictures.
