@@ -376,19 +376,19 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
                 state["held"] += size(future.result())
             changed.notify()
 
+    def room() -> bool:
+        return state["running"] < running and state["held"] < max(1, held_bytes)
+
+    def next_ready() -> bool:
+        return bool(pending) and pending[0][1].done()
+
     todo = iter(items)
     more = True
-    while True:
+    while more or pending:
         with changed:
-            while not (pending and pending[0][1].done()):  # the next in order is ready: hand it on
-                if more and state["running"] < running and state["held"] < max(1, held_bytes):
-                    break  # room for another call
-                if not more and not pending:
-                    return
-                if not more or state["running"] == 0:
-                    break  # nothing more to start: wait on the next in order itself
-                changed.wait()
-            start = not (pending and pending[0][1].done()) and more
+            while more and not room() and not next_ready():
+                changed.wait()  # a call finishing makes room, or readies the next in order
+            start = more and room() and not next_ready()  # the next in order, when ready, goes first
             if start:
                 state["running"] += 1
         if start:
@@ -397,10 +397,10 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
                 more = False
                 with changed:
                     state["running"] -= 1
-                continue
-            future = pool.submit(fn, item)
-            future.add_done_callback(finished)
-            pending.append((item, future))
+            else:
+                future = pool.submit(fn, item)
+                future.add_done_callback(finished)
+                pending.append((item, future))
             continue
         item, future = pending.popleft()
         yield item, future  # the consumer waits on it if it is not done yet
