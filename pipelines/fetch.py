@@ -156,10 +156,10 @@ class Fetcher:
         The attempt's ``timeout_s`` runs from its first connect (not while waiting for a host slot)."""
         deadline = None
         for _ in range(MAX_REDIRECTS + 1):
-            _, host, port, _ = _split(url)
-            with self._host_slot(host, port):
+            parts = _split(url)
+            with self._host_slot(parts[1], parts[2]):
                 deadline = deadline or time.monotonic() + self.cfg.timeout_s
-                conn = self._request(url, deadline)
+                conn = self._request(parts, deadline)
                 try:
                     response = conn.getresponse()
                     location = response.getheader("Location") if response.status in REDIRECT_STATUS else None
@@ -170,10 +170,10 @@ class Fetcher:
             url = _redirect(url, location)
         raise Rejected("redirects", f"more than {MAX_REDIRECTS}: {url}")
 
-    def _request(self, url: str, deadline: float) -> http.client.HTTPConnection:
-        """A connection to a checked address of ``url``'s host with the GET sent; every receive on it
-        gives up at ``deadline``."""
-        scheme, host, port, target = _split(url)
+    def _request(self, parts: tuple[str, str, int, str], deadline: float) -> http.client.HTTPConnection:
+        """A connection to a checked address of the host in ``parts`` (``_split``'s) with the GET sent;
+        every receive on it gives up at ``deadline``."""
+        scheme, host, port, target = parts
         addresses = self._addresses(host, port)
         if scheme == "https":
             conn = http.client.HTTPSConnection(host, port, context=_tls_context(_ca_bundle()))

@@ -136,7 +136,9 @@ def test_the_shard_tar_is_byte_for_byte_what_webdatasets_writer_writes():
     from pipelines.shard_task import TAR_MTIME, TAR_USER, _SampleTar
 
     samples = [("000003_000000", {"jpg": b"\xff\xd8 jpeg", "cls": b"2", "json": b'{"label": "cat"}'}),
-               ("000003_000001", {"jpg": b"x" * 1000, "json": b'{"labels": [0, 4]}'})]
+               ("000003_000001", {"jpg": b"x" * 1000, "json": b'{"labels": [0, 4]}'}),
+               ("000003_000002", {"jpg": b"y" * 512, "cls": b"0"}),  # a whole block: no padding
+               ("000003_000003", {"jpg": bytes(range(256)) * 90, "cls": b"11"})]  # past a 10 KB record
     ours, theirs = io.BytesIO(), io.BytesIO()
     writer = _SampleTar(ours)
     reference = wds.TarWriter(theirs, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER)
