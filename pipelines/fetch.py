@@ -357,7 +357,7 @@ def _read_fsspec(url: str, deadline: float) -> bytes:
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], running: int,
-                held_bytes: int = 0, size: Callable[[R], int] = lambda _: 0) -> Iterator[tuple[T, Future]]:
+                held_bytes: int, size: Callable[[R], int]) -> Iterator[tuple[T, Future]]:
     """``(item, future)`` in input order, with at most ``running`` calls unfinished at a time.
 
     Calls go on while the first one in order is still out: a download that stalls (a server slow to
@@ -377,7 +377,7 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
             changed.notify()
 
     def room() -> bool:
-        return state["running"] < running and state["held"] < max(1, held_bytes)
+        return state["running"] < running and state["held"] < held_bytes
 
     def next_ready() -> bool:
         return bool(pending) and pending[0][1].done()
@@ -423,10 +423,11 @@ class Deferred:
 
 
 def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int, remote: Callable[[T], bool],
-                   held_bytes: int = 0, size: Callable[[R], int] = lambda _: 0) -> Iterator[tuple[T, "Future | Deferred"]]:
-    """``(item, future)`` in input order. Items on the network are fetched ``threads`` at a time ahead
-    of use; when there are none (local files read in microseconds), no threads are started at all,
-    since handing each read to a thread costs more than the read."""
+                   held_bytes: int, size: Callable[[R], int]) -> Iterator[tuple[T, "Future | Deferred"]]:
+    """``(item, future)`` in input order. Items on the network go to ``threads`` threads, running ahead
+    of use while their finished results hold under ``held_bytes`` (see ``ordered_map``). When there are
+    none (local files read in microseconds), no threads are started at all, since handing each read to a
+    thread costs more than the read."""
     if not any(remote(item) for item in items):
         yield from ((item, Deferred(fn, item)) for item in items)
         return

@@ -107,7 +107,7 @@ def _crop_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
 
 
 def _resize(pixels: np.ndarray, size: tuple[int, int], box: Optional[tuple[int, int, int, int]]) -> np.ndarray:
-    """Resize RGB ``pixels`` (h, w, 3) (their ``box`` when given) to ``size`` (w, h) without aliasing.
+    """Resize 3-channel ``pixels`` (h, w, 3; RGB or BGR alike) (their ``box`` when given) to ``size`` (w, h) without aliasing.
 
     After draft decoding a JPEG is within 2x of its output, where bilinear already uses every input
     pixel (at 2x it is the 2x2 mean). On the benchmark corpus it was 4x faster than OpenCV's area
@@ -168,6 +168,16 @@ def _load(im: Image.Image, settings: ImageSettings) -> None:
     im.load()
 
 
+def _draft_request(size: tuple[int, int], out: Optional[tuple[int, int]]) -> tuple[int, int]:
+    """The size a JPEG of ``size`` is decoded at least at (with DCT scaling): the output's short side,
+    or an eighth when it stays as it is (that decode only proves the whole stream decodes)."""
+    w, h = size
+    if out is None:
+        return max(1, w // 8), max(1, h // 8)
+    k = min(out) / min(w, h)
+    return math.ceil(w * k), math.ceil(h * k)
+
+
 def _draft_scale(size: tuple[int, int], requested: tuple[int, int]) -> int:
     """The DCT scale Pillow's ``draft`` picks for ``requested``: the largest of 8, 4, 2, 1 that keeps
     both sides at least the requested ones."""
@@ -180,12 +190,7 @@ def _opencv_jpeg(data: bytes, size: tuple[int, int], out: Optional[tuple[int, in
     """An upright YCbCr JPEG of ``size`` through OpenCV (see the module's docstring), or None when
     OpenCV cannot decode it, so that the Pillow path gives the reason."""
     w, h = size
-    if out is None:
-        requested = (max(1, w // 8), max(1, h // 8))  # only proves the whole stream decodes
-    else:
-        k = min(out) / min(w, h)
-        requested = (math.ceil(w * k), math.ceil(h * k))
-    scale = _draft_scale(size, requested)
+    scale = _draft_scale(size, _draft_request(size, out))
     _check_budget(-(-w // scale), -(-h // scale), "RGB", settings)
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
     if pixels is None:
@@ -251,13 +256,11 @@ def _pillow_path(im: Image.Image, data: bytes, settings: ImageSettings, orientat
     is_jpeg = im.format == "JPEG"
     try:
         if is_jpeg and out is None and im.mode == "RGB" and orientation == 1:
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # only proves the whole stream decodes
+            im.draft("RGB", _draft_request(original, None))
             _load(im, settings)
             return Encoded(data, original, original, kept_original=True)
         if is_jpeg and out is not None:
-            # Decode at the smallest DCT scale that keeps the short side >= the output's short side.
-            k = min(out) / min(w, h)
-            im.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
+            im.draft("RGB", _draft_request(original, out))
         _load(im, settings)
         if not is_jpeg:  # other formats keep EXIF where only a full load finds it
             orientation = _orientation(im)

@@ -10,6 +10,7 @@ result last, so any DeepSpeed knob can be reached without a new field here.
 from __future__ import annotations
 
 import copy
+import functools
 import typing
 from typing import TYPE_CHECKING, Optional
 
@@ -190,6 +191,7 @@ def _parse(raw: dict) -> tuple[_Reads, Optional[Exception]]:
     return top, None
 
 
+@functools.lru_cache(maxsize=1)  # the parser is run once per process, not on every validate()
 def _top_level_names() -> Optional[set]:
     """Every top-level key DeepSpeed's parser asks for (it asks for all of them, present or not; given
     a non-empty mapping, since some sections are only looked up then), plus the two it reads outside

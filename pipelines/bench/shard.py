@@ -49,6 +49,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="--vs: URL counts, comma-separated")
     ap.add_argument("--distinct", type=int, default=6000, help="--vs: distinct photos behind the URLs")
     ap.add_argument("--img2dataset", help="--vs: img2dataset's command (default: beside this Python, or on PATH)")
+    ap.add_argument("--img2dataset-downscale", default="area", choices=["area", "linear"],
+                    help="--vs: img2dataset's --downscale_interpolation (area, its default; linear is the "
+                         "filter vitscale uses within 2x, for a same-filter comparison)")
     return ap.parse_args(argv)
 
 

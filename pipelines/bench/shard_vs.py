@@ -3,11 +3,15 @@
 Both tools get the same thing a user would give them: a CSV of ``url,label`` rows pointing at the
 benchmark's photo corpus, served by ``python -m http.server`` on 127.0.0.1, and the same settings
 (keep_ratio 256 without upscaling, JPEG quality 95, 1,000 samples per shard, WebDataset tars).
-Each is run as its own command (``vitscale shard`` and img2dataset's CLI with 2 processes x 16
+Each is run as its own command (``vitscale shard`` and img2dataset's CLI with one process per core x 16
 threads), so imports, start-up and the last shard's tail count on both sides; the runs alternate
 (ours, theirs, ours, theirs) so that a busy spell on the machine hits both, and the best of each
 counts. img2dataset pins webdataset < 0.3, so it may live in its own virtual environment
 (``--img2dataset PATH`` to its command).
+
+The resize filters differ by default: img2dataset downscales with area averaging, the stage with
+bilinear once DCT scaling has brought a JPEG within 2x (area beyond). ``--img2dataset-downscale
+linear`` gives img2dataset the stage's filter, for a same-filter comparison.
 
 Quality: every image the stage resized is compared with the Pillow path it took before (draft
 decoding, Pillow's bicubic, JPEG 95), as one PSNR over all their pixels.
@@ -101,7 +105,7 @@ def run_vitscale(index: str, out: str, workdir: str) -> dict:
 def run_img2dataset(command: list[str], index: str, out: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = command + [f"--url_list={index}", "--input_format=csv", "--url_col=url", "--save_additional_columns=[label]",
-                     f"--output_folder={out}", "--output_format=webdataset", "--processes_count=2",
+                     f"--output_folder={out}", "--output_format=webdataset", f"--processes_count={os.cpu_count() or 1}",
                      "--thread_count=16", "--image_size=256", "--resize_mode=keep_ratio",
                      "--resize_only_if_bigger=True", "--encode_quality=95", "--number_sample_per_shard=1000",
                      "--enable_wandb=False"]
@@ -159,7 +163,7 @@ def psnr_vs_pillow(out: str, root: str, size: int = 256, quality: int = 95) -> t
 
 def head_to_head(opts, corpus_root: str, paths: list[str]) -> None:
     """Run both tools at each size of ``opts.sizes``, alternating, and print the table."""
-    command = img2dataset_command(opts.img2dataset)
+    command = img2dataset_command(opts.img2dataset) + [f"--downscale_interpolation={opts.img2dataset_downscale}"]
     cores = os.cpu_count() or 1
     server = Server(corpus_root)
     rows = []
@@ -183,7 +187,8 @@ def head_to_head(opts, corpus_root: str, paths: list[str]) -> None:
         psnr, compared = psnr_vs_pillow(os.path.join(opts.dir, "vs_ours"), corpus_root)
     finally:
         server.close()
-    print(f"\nvitscale shard vs img2dataset (2 processes x 16 threads): keep_ratio 256 (no upscaling), quality 95, "
+    print(f"\nvitscale shard vs img2dataset ({cores} processes x 16 threads, downscale "
+          f"{opts.img2dataset_downscale}; vitscale: bilinear within 2x, area beyond): keep_ratio 256 (no upscaling), quality 95, "
           f"1,000 per shard, webdataset, URLs on 127.0.0.1 (python -m http.server), {cores} cores, best of "
           f"{opts.repeats}, alternating")
     print(f"{'URLs':>8s}{'vitscale':>22s}{'img2dataset':>22s}{'ratio':>8s}{'ok (ours/theirs)':>20s}"
