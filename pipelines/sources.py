@@ -49,9 +49,6 @@ _BLANK_FIRST = re.compile(rb"[ \t\r]*\n")
 _NULL_LINE = re.compile(rb"\n[ \t\r]*null[ \t\r]*(?:\n|$)")
 _NULL_FIRST = re.compile(rb"[ \t\r]*null[ \t\r]*(?:\n|$)")
 _ROW = re.compile(r" in row ([0-9]+)$")  # where pyarrow's JSON reader stopped
-_MISSING = "bad_label: missing label"
-_EMPTY_NAME = "bad_label: expected an integer or a string, got str ''"
-_EMPTY_LIST = "bad_label: expected an integer or a string, got list []"
 
 
 @dataclass(frozen=True)
@@ -321,7 +318,7 @@ def _stream_csv(source: str, shard: ShardConfig, delimiter: str, writer: PlanWri
     import pyarrow.csv as pacsv
 
     cols = [shard.path_column, shard.label_column]
-    missing_label = pa.scalar("bad_label: missing label", pa.string())
+    missing_label = pa.scalar(_MISSING, pa.string())
     no_text = pa.scalar(None, pa.string())
     ragged: list[str] = []
 
@@ -619,6 +616,10 @@ def _json_label(value: Any) -> "int | str | Rejected":
     if isinstance(value, str) and value:
         return value
     return Rejected("bad_label", f"expected an integer or a string, got {type(value).__name__} {value!r}")
+
+
+# The reasons of the column-wise checks, as the row-wise ones (``_json_label``) word them.
+_MISSING, _EMPTY_NAME, _EMPTY_LIST = (str(_json_label(v)) for v in (None, "", []))
 
 
 def _kind_name(kind: type) -> str:
