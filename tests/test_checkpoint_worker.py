@@ -217,4 +217,12 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        import torch.distributed as dist
+
+        # As pretrain.launch does: a gloo group left to the interpreter's exit can abort the
+        # process ("terminate called without an active exception") after the run has succeeded.
+        if dist.is_initialized():
+            dist.destroy_process_group()

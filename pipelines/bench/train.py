@@ -227,6 +227,7 @@ def _rank_main(rank: int, world: int, port: int, opts: argparse.Namespace, resul
     n, seconds = _timed(lambda: train_step(engine, batches), info.device, opts.warmup, opts.steps)
     results.put(("speed", rank, n * opts.batch * world, seconds))
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # not left to the interpreter's exit, which can abort
 
 
 def _baseline(vit: ViTConfig, batch: int, precision: str, warmup: int, steps: int) -> float:
