@@ -29,6 +29,7 @@ from pretrain import storage
 TAR_MTIME = 0  # fixed member metadata: reruns and other machines give the same bytes
 TAR_USER = "vitscale"
 HELD_BYTES = 64 << 20  # converted images that may wait behind a stalled download, per task
+WRITE_BUFFER = 1 << 20  # tens of samples per write call, not one (each call lets go of the GIL)
 
 
 @dataclass(frozen=True)
@@ -87,32 +88,53 @@ def temporaries(out_dir: str, index: Optional[int] = None) -> list[str]:
 class _SampleTar:
     """WebDataset's tar layout, as ``webdataset.TarWriter`` writes it (a member ``KEY.EXT`` per field,
     in sorted order, a stream-mode tar with fixed metadata), without webdataset: importing it imports
-    torch, seconds of every worker's start. Headers come from ``tarfile`` (its default format, as a
-    stream opened with ``tarfile.open(mode="w|")`` writes them); each member then goes out as header,
-    data and padding, and the end as tarfile's closing blocks and record padding, since tarfile's own
-    member path (a copy of each header object, a stream layer) costs a third more per sample."""
+    torch, seconds of every worker's start. Headers are ``tarfile``'s (its default format, as a stream
+    opened with ``tarfile.open(mode="w|")`` writes them, see ``_member_header``); a sample then goes out
+    as one write of its headers, data and padding, and the end as tarfile's closing blocks and record
+    padding. tarfile's own member path (a header object copied per member, a write per piece) cost a
+    third more per sample, each write a release and retake of the GIL the fetch threads wait on."""
 
     def __init__(self, f):
         self.f = f
         self.offset = 0
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
+        parts = []
         for ext in sorted(fields):
             data = fields[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-            info.uname = info.gname = TAR_USER
-            header = info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
-            padding = -len(data) % tarfile.BLOCKSIZE
-            self.f.write(header)
-            self.f.write(data)
-            if padding:
-                self.f.write(bytes(padding))
-            self.offset += len(header) + len(data) + padding
+            parts += (_member_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % tarfile.BLOCKSIZE))
+        sample = b"".join(parts)
+        self.f.write(sample)
+        self.offset += len(sample)
 
     def close(self) -> None:
         end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros to a whole record, as tarfile ends
         self.f.write(bytes(end + (-(self.offset + end) % tarfile.RECORDSIZE)))
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+    info.uname = info.gname = TAR_USER
+    return info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_TEMPLATE = bytearray(_tarfile_header("", 0))
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """``_tarfile_header(name, size)``: for a short ASCII name, the cached header of an empty member
+    with the name, size and checksum fields filled in as tarfile fills them (a fifth of its time per
+    header, three headers a sample); anything else from tarfile itself (long names need its extension
+    headers)."""
+    if len(name) >= tarfile.LENGTH_NAME or not name.isascii() or size >= 8 ** 11:
+        return _tarfile_header(name, size)
+    header = _TEMPLATE.copy()
+    header[0:len(name)] = name.encode("ascii")
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"        "  # the checksum counts its own field as spaces
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 class _HashingSink:
@@ -169,7 +191,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     def remote(row: tuple) -> bool:
         return bool(row[0]) and not row[2] and storage.is_remote(resolve(row[0], ctx.table.base))
 
-    with open(tmp, "wb") as raw:
+    with open(tmp, "wb", buffering=WRITE_BUFFER) as raw:
         sink = _HashingSink(raw)
         writer = _SampleTar(sink)
         converted = fetch_in_order(prepare, rows, ctx.download.threads, remote, held_bytes=HELD_BYTES,

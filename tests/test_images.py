@@ -185,30 +185,31 @@ def test_the_budget_counts_bands_bit_depth_and_the_draft_size():
     ((500, 350), ImageSettings(image_size=256)),  # under 2x: full decode, bilinear
     ((640, 480), ImageSettings(image_size=64)),  # DCT scale 1/4, then area
     ((1200, 900), ImageSettings(image_size=100)),  # 1/8
+    ((1001, 751), ImageSettings(image_size=300)),  # 1/2 of odd sides: 501x376, rounded up as libjpeg does
     ((300, 200), ImageSettings(image_size=64, resize_mode="center_crop")),
     ((60, 40), ImageSettings(image_size=64)),  # within size: the original bytes, checked at 1/8
     ((400, 300), ImageSettings(image_size=128, quality=75)),  # another quality: the same tables
 ])
-def test_opencv_path_gives_the_pillow_paths_bytes(size, settings):
-    """The fast path (OpenCV decode, resize, encode) is the Pillow path's output byte for byte: both wrap
-    libjpeg-turbo with the same defaults and the same DCT scale."""
-    from pipelines.images import _opencv_jpeg, _pillow_path
+def test_fast_path_gives_the_pillow_paths_bytes(size, settings):
+    """The fast path (simplejpeg's decode, OpenCV's resize and encode) is the Pillow path's output byte
+    for byte: all wrap libjpeg-turbo with the same defaults and the same DCT scale."""
+    from pipelines.images import _turbo_jpeg, _pillow_path
 
     data = jpeg(11, size, quality=92)
     out = target_size(size, settings)
-    fast = _opencv_jpeg(data, size, out, settings)
+    fast = _turbo_jpeg(data, size, out, settings)
     slow = _pillow_path(Image.open(io.BytesIO(data)), data, settings, 1, out)
     assert fast is not None and fast == slow
     assert process(data, settings) == fast
 
 
-def test_a_jpeg_opencv_refuses_gets_pillows_reason():
-    """A cut-off stream: OpenCV gives no image, and the Pillow path then says why."""
-    from pipelines.images import _opencv_jpeg
+def test_a_jpeg_libjpeg_reports_damaged_gets_pillows_reason():
+    """A cut-off stream: the fast path gives no image, and the Pillow path then says why."""
+    from pipelines.images import _turbo_jpeg
 
     data = jpeg(12, (500, 350), quality=95)
     cut = data[: len(data) * 3 // 4]
-    assert _opencv_jpeg(cut, (500, 350), (366, 256), ImageSettings(image_size=256)) is None
+    assert _turbo_jpeg(cut, (500, 350), (366, 256), ImageSettings(image_size=256)) is None
     with pytest.raises(Rejected) as err:
         process(cut, ImageSettings(image_size=256))
     assert err.value.reason == "undecodable"
