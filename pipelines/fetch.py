@@ -422,13 +422,13 @@ class Deferred:
         return self.fn(self.item)
 
 
-def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int, remote: Callable[[T], bool],
-                   held_bytes: int, size: Callable[[R], int]) -> Iterator[tuple[T, "Future | Deferred"]]:
-    """``(item, future)`` in input order. Items on the network go to ``threads`` threads, running ahead
-    of use while their finished results hold under ``held_bytes`` (see ``ordered_map``). When there are
-    none (local files read in microseconds), no threads are started at all, since handing each read to a
-    thread costs more than the read."""
-    if not any(remote(item) for item in items):
+def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int, held_bytes: int,
+                   size: Callable[[R], int]) -> Iterator[tuple[T, "Future | Deferred"]]:
+    """``(item, future)`` in input order. With ``threads``, calls run on that many threads, ahead of
+    use while their finished results hold under ``held_bytes`` (see ``ordered_map``); with none (items
+    that are local files, read in microseconds), each call is made when its result is asked for, since
+    handing a read to a thread costs more than the read."""
+    if threads <= 0:
         yield from ((item, Deferred(fn, item)) for item in items)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:

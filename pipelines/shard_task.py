@@ -9,20 +9,21 @@ read). Tar members carry fixed metadata, so the same rows give byte-identical ta
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import tarfile
-import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 from pipelines.config import DownloadConfig
-from pipelines.fetch import Fetcher, fetch_in_order, resolve
-from pipelines.images import Encoded, ImageSettings, Rejected, process
+from pipelines.fetch import Deferred, Fetcher, fetch_in_order, resolve
+from pipelines.images import ImageSettings, Rejected, process
 from pipelines.sources import Labels, Table, read_rows
 from pretrain import storage
 
@@ -173,11 +174,15 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     tmp = storage.temporary_name(os.path.join(_staging_dir(ctx.out_dir), os.path.basename(final)))
     failures: list[dict] = []
     kept = 0
-    one_decode = threading.Lock()  # one image decoded at a time per task, as max_decoded_mb promises
+    threaded = any(storage.is_remote(resolve(row[0], ctx.table.base)) for row in rows if row[0] and not row[2])
+    # One thread converts every image of the task, in the order the downloads finish: one image decoded
+    # at a time, as max_decoded_mb promises, and no hand-over between images (a lock passed among the
+    # fetch threads left the decoder idle a fifth of the time, each new holder waiting for the GIL).
+    converter = ThreadPoolExecutor(1, thread_name_prefix="convert") if threaded else None
 
-    def prepare(row: tuple) -> tuple[dict, Encoded]:
-        """Fetch and convert one row, in a fetch thread: the heavy parts release the GIL, so images are
-        converted while other downloads (and the writes of the main thread) go on, in any order."""
+    def prepare(row: tuple) -> tuple[dict, int, "Future | Deferred"]:
+        """Fetch one row (in a fetch thread when the rows are on the network) and hand its bytes to
+        the converter; the label's members, the bytes' size, and the conversion to wait for."""
         location, raw_label, error = row
         if error:
             raise Rejected(*error.split(": ", 1))
@@ -185,22 +190,23 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
             raise Rejected("bad_row", "no path in this row")
         members = _label_members(labels, raw_label)
         data = fetcher.fetch(location)
-        with one_decode:
-            return members, process(data, ctx.settings)
+        if converter is None:
+            return members, len(data), Deferred(lambda d: process(d, ctx.settings), data)
+        return members, len(data), converter.submit(process, data, ctx.settings)
 
-    def remote(row: tuple) -> bool:
-        return bool(row[0]) and not row[2] and storage.is_remote(resolve(row[0], ctx.table.base))
-
-    with open(tmp, "wb", buffering=WRITE_BUFFER) as raw:
+    with open(tmp, "wb", buffering=WRITE_BUFFER) as raw, converter or contextlib.nullcontext():
         sink = _HashingSink(raw)
         writer = _SampleTar(sink)
-        converted = fetch_in_order(prepare, rows, ctx.download.threads, remote, held_bytes=HELD_BYTES,
-                                   size=lambda done: len(done[1].data))
+        converted = fetch_in_order(prepare, rows, ctx.download.threads if threaded else 0, held_bytes=HELD_BYTES,
+                                   size=lambda done: done[1])
         for i, (row, future) in enumerate(converted):
             location = row[0]
             key = f"{shard_name(job.index)}_{i:06d}"
+            if threaded and not future.done():  # a download that lags: what is written so far goes to disk
+                raw.flush()
             try:
-                members, image = future.result()
+                members, _, conversion = future.result()
+                image = conversion.result()
             except Rejected as e:
                 failures.append({"key": key, "source": location, "reason": e.reason, "detail": str(e)})
                 continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Iterator, Optional
@@ -68,7 +69,36 @@ def client_for(cfg: Config):
     import mlflow
 
     bound_mlflow_http()
-    return mlflow.MlflowClient(tracking_uri=tracking_uri(cfg.tracking, cfg.workdir))
+    uri = tracking_uri(cfg.tracking, cfg.workdir)
+    if uri.startswith("sqlite:///"):
+        _seed_sqlite(Path(uri[len("sqlite:///"):]))
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _seed_sqlite(db: Path) -> None:
+    """A new sqlite store starts as a copy of an empty one, made once per MLflow version in the user's
+    cache: MLflow would otherwise run its schema migrations (about 1 s of CPU, while Ray starts beside
+    it) in every new workdir. The copy is MLflow's own empty store (tables at the current revision,
+    its Default experiment), so MLflow opens it as one it made. An existing store is left alone."""
+    if db.exists():
+        return
+    import mlflow
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitscale"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    try:
+        if not template.exists():
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            cache.mkdir(parents=True, exist_ok=True)
+            making = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+            SqlAlchemyStore(f"sqlite:///{making}", (cache / "mlruns").as_uri()).engine.dispose()
+            os.replace(making, template)  # whole or not at all, when two commands make it at once
+        copying = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, copying)
+        os.replace(copying, db)
+    except OSError as e:  # a read-only home: MLflow makes the store itself, as before
+        log.debug("no cached MLflow store (%s); MLflow creates %s", e, db)
 
 
 def tracker_for(cfg: Config, run_id: Optional[str]) -> Tracker:

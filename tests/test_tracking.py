@@ -104,3 +104,30 @@ def test_unreachable_server_warns_and_never_blocks(monkeypatch, caplog):
         quiet.log_metrics({"loss": 1.0}, 0)
         quiet.close()
         assert not quiet.enabled and quiet.dropped == 0
+
+
+def test_a_new_workdirs_sqlite_store_is_a_copy_of_mlflows_own_empty_store(tmp_path, monkeypatch):
+    """Made once per MLflow version in the cache, then copied: MLflow opens the copy as its own store
+    (no migrations), a run goes in, and an existing store is never replaced."""
+    import mlflow
+
+    from pipelines.config import load_config
+    from pipelines.tracking import client_for, experiment_id
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    template = tmp_path / "cache" / "vitscale" / f"mlflow-{mlflow.__version__}-empty.db"
+    runs = {}
+    for name in ("a", "b"):
+        cfg = load_config(None, [f"workdir={tmp_path / name}"])
+        client = client_for(cfg)
+        if name == "a":
+            made = template.stat().st_mtime_ns
+        assert template.stat().st_mtime_ns == made  # b copied the one a made
+        assert (tmp_path / name / "mlflow.db").read_bytes() == template.read_bytes()  # nothing written yet
+        run = client.create_run(experiment_id(client, cfg.tracking, cfg.workdir))
+        client.log_metric(run.info.run_id, "x", 1.0)
+        runs[name] = run.info.run_id
+    again = client_for(load_config(None, [f"workdir={tmp_path / 'a'}"]))  # an existing store stays
+    assert again.get_metric_history(runs["a"], "x")[0].value == 1.0
+    assert (tmp_path / "a" / "mlflow.db").read_bytes() != template.read_bytes()
