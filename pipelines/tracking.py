@@ -79,26 +79,31 @@ def _seed_sqlite(db: Path) -> None:
     """A new sqlite store starts as a copy of an empty one, made once per MLflow version in the user's
     cache: MLflow would otherwise run its schema migrations (about 1 s of CPU, while Ray starts beside
     it) in every new workdir. The copy is MLflow's own empty store (tables at the current revision,
-    its Default experiment), so MLflow opens it as one it made. An existing store is left alone."""
+    its Default experiment), so MLflow opens it as one it made. An existing store is left alone, and
+    any failure here leaves the store to MLflow, as before."""
     if db.exists():
         return
     import mlflow
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitscale"
     template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    making = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+    copying = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     try:
         if not template.exists():
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
             cache.mkdir(parents=True, exist_ok=True)
-            making = template.with_name(f"{template.name}.{os.getpid()}.tmp")
             SqlAlchemyStore(f"sqlite:///{making}", (cache / "mlruns").as_uri()).engine.dispose()
             os.replace(making, template)  # whole or not at all, when two commands make it at once
-        copying = db.with_name(f".{db.name}.{os.getpid()}.tmp")
         shutil.copyfile(template, copying)
-        os.replace(copying, db)
-    except OSError as e:  # a read-only home: MLflow makes the store itself, as before
-        log.debug("no cached MLflow store (%s); MLflow creates %s", e, db)
+        os.link(copying, db)  # never over a store that appeared meanwhile (FileExistsError)
+    except Exception as e:  # noqa: BLE001 - only a shortcut: without it MLflow makes the store itself
+        log.debug("no copy of a cached MLflow store (%s: %s); MLflow makes %s", type(e).__name__, e, db)
+    finally:
+        for leftover in (making, copying):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def tracker_for(cfg: Config, run_id: Optional[str]) -> Tracker:

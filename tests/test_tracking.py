@@ -4,6 +4,7 @@ with few-shot evaluation on real digits, beside a ``torchrun`` twin that must gi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -131,3 +132,10 @@ def test_a_new_workdirs_sqlite_store_is_a_copy_of_mlflows_own_empty_store(tmp_pa
     again = client_for(load_config(None, [f"workdir={tmp_path / 'a'}"]))  # an existing store stays
     assert again.get_metric_history(runs["a"], "x")[0].value == 1.0
     assert (tmp_path / "a" / "mlflow.db").read_bytes() != template.read_bytes()
+
+    # A cache that cannot be made (here a file where its folder would be): MLflow makes the store itself.
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    client = client_for(load_config(None, [f"workdir={tmp_path / 'c'}"]))
+    assert client.search_experiments()[0].name == "Default"
+    assert os.listdir(tmp_path / "c") == ["mlflow.db"]  # no temporaries left behind
