@@ -29,7 +29,7 @@ from pretrain import storage
 
 TAR_MTIME = 0  # fixed member metadata: reruns and other machines give the same bytes
 TAR_USER = "vitscale"
-HELD_BYTES = 64 << 20  # converted images that may wait behind a stalled download, per task
+HELD_BYTES = 64 << 20  # downloaded images that may wait behind a stalled download, per task
 WRITE_BUFFER = 1 << 20  # tens of samples per write call, not one (each call lets go of the GIL)
 
 

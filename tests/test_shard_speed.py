@@ -148,3 +148,15 @@ def test_the_shard_tar_is_byte_for_byte_what_webdatasets_writer_writes():
     writer.close()
     reference.close()
     assert ours.getvalue() == theirs.getvalue()
+
+
+def test_cached_tar_headers_are_tarfiles_own():
+    """Headers filled into a cached one are the ones tarfile makes, and names it must extend (too long,
+    not ASCII) or sizes past 11 octal digits still come from tarfile itself."""
+    from pipelines.shard_task import _member_header, _tarfile_header
+
+    names = ["a", "000001_000001.jpg", "000001_000001.json", "x" * 99, "x" * 100, "x" * 300, "é.jpg"]
+    for name in names:
+        for size in (0, 1, 511, 512, 513, 31234, 64 << 20, 8 ** 11 - 1, 8 ** 11):
+            assert _member_header(name, size) == _tarfile_header(name, size), (name, size)
+
