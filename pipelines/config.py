@@ -45,9 +45,11 @@ class DownloadConfig:
     timeout_s: float = 10.0
     retries: int = 2
     threads: int = 16
-    # Connections to one host at a time, per task: a crawler's politeness (Scrapy's default is 8 per
-    # domain, browsers open 6 per host). A list over many hosts still keeps every thread busy. 0: no limit.
-    per_host: int = 4
+    # Connections to one host at a time, per task (a node runs a task per core): a crawler's politeness.
+    # A list over many hosts still keeps every thread busy. 2, not 4: small servers keep a short accept
+    # queue (python -m http.server: 5), and a connection it drops waits out the kernel's 1 s SYN resend,
+    # at a shard's end with the whole task waiting on it. 0: no limit.
+    per_host: int = 2
     backoff_s: float = 0.5  # first retry waits this long, then doubles
     respect_noai: bool = True  # honour X-Robots-Tag: noai / noimageai
     # Schemes read through fsspec; http(s), file:// and plain paths are always read, with their own limits.
