@@ -34,12 +34,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
+from pipelines import http1
 from pipelines.config import DownloadConfig
 from pipelines.images import Rejected
 from pretrain.storage import is_url
 
 USER_AGENT = "vitscale/0.1 (+image pretraining dataset builder)"
-HEADERS = {"User-Agent": USER_AGENT, "Accept": "*/*", "Connection": "close"}
+HEADERS = {"User-Agent": USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity", "Connection": "close"}
 MAX_BYTES = 64 << 20  # a response larger than any sane image is refused, not buffered
 CHUNK = 1 << 16
 MAX_REDIRECTS = 5
@@ -159,35 +160,32 @@ class Fetcher:
             parts = _split(url)
             with self._host_slot(parts[1], parts[2]):
                 deadline = deadline or time.monotonic() + self.cfg.timeout_s
-                conn = self._request(parts, deadline)
+                sock = self._request(parts, deadline)
                 try:
-                    response = conn.getresponse()
-                    location = response.getheader("Location") if response.status in REDIRECT_STATUS else None
+                    response = http1.Response(sock)
+                    location = response.header("Location") if response.status in REDIRECT_STATUS else None
                     if location is None:
                         return self._body(response, url)
                 finally:
-                    conn.close()
+                    sock.close()
             url = _redirect(url, location)
         raise Rejected("redirects", f"more than {MAX_REDIRECTS}: {url}")
 
-    def _request(self, parts: tuple[str, str, int, str], deadline: float) -> http.client.HTTPConnection:
-        """A connection to a checked address of the host in ``parts`` (``_split``'s) with the GET sent;
-        every receive on it gives up at ``deadline``."""
+    def _request(self, parts: tuple[str, str, int, str], deadline: float) -> socket.socket:
+        """A connection to a checked address of the host in ``parts`` (``_split``'s), TLS for https,
+        with the GET sent; every receive on it gives up at ``deadline``."""
         scheme, host, port, target = parts
-        addresses = self._addresses(host, port)
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, context=_tls_context(_ca_bundle()))
-        else:
-            conn = http.client.HTTPConnection(host, port)
-        conn._create_connection = lambda *_: _connect(addresses, deadline)  # the checked addresses only
+        request = http1.request(host, port, 443 if scheme == "https" else 80, target, HEADERS)
+        sock = _connect(self._addresses(host, port), deadline)  # the checked addresses only
         try:
-            conn.connect()
-            conn.sock.deadline = deadline
-            conn.request("GET", target, headers=HEADERS)
+            if scheme == "https":
+                sock = _tls_context(_ca_bundle()).wrap_socket(sock, server_hostname=host)
+            sock.deadline = deadline
+            sock.sendall(request)
         except BaseException:
-            conn.close()
+            sock.close()
             raise
-        return conn
+        return sock
 
     def _addresses(self, host: str, port: int) -> list[tuple[int, tuple]]:
         """``(family, sockaddr)`` for each address of ``host``; ``Rejected`` when any one is not global
@@ -202,16 +200,16 @@ class Fetcher:
                                                       "shard.download.allow_private is off)")
         return found
 
-    def _body(self, response: http.client.HTTPResponse, url: str) -> bytes:
-        if self.cfg.respect_noai and noai_directive(response.getheader("X-Robots-Tag")):
-            raise Rejected("noai", f"X-Robots-Tag: {response.getheader('X-Robots-Tag')}")
+    def _body(self, response: http1.Response, url: str) -> bytes:
+        if self.cfg.respect_noai and noai_directive(response.header("X-Robots-Tag")):
+            raise Rejected("noai", f"X-Robots-Tag: {response.header('X-Robots-Tag')}")
         if response.status >= 300:
             err = Rejected(f"http_{response.status}", url)
             raise _Retryable(err) if response.status in RETRY_STATUS else err
-        length = response.getheader("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_BYTES:
-            raise Rejected("too_large", f"Content-Length {length} is over {MAX_BYTES >> 20} MiB: {url}")
-        return _read_capped(response.read, url)
+        try:
+            return response.body(MAX_BYTES)
+        except http1.TooLarge as e:
+            raise Rejected("too_large", f"{e} over {MAX_BYTES >> 20} MiB: {url}") from None
 
 
 class _Retryable(Exception):
@@ -251,8 +249,8 @@ def _redirect(url: str, location: str) -> str:
 
 
 class _DeadlineRecv:
-    """Every receive waits only until ``deadline`` (set once connected). http.client reads a body, a
-    header line or a TLS record with as many receives as it takes, so a timeout per receive alone lets a
+    """Every receive waits only until ``deadline`` (set once connected). A response head, a body or a
+    TLS record takes as many receives as the server makes it, so a timeout per receive alone lets a
     server that sends one byte now and then hold a read forever."""
 
     deadline: float
