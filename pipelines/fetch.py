@@ -29,9 +29,7 @@ import ssl
 import stat
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Optional
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from pipelines import http1
@@ -51,9 +49,6 @@ GUARDED = frozenset({"http", "https", "file"})  # read here with the limits, nev
 URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # kept as written when quoting a path, as requests does
 FILE_KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "b": "a block device",
               "s": "a socket"}  # stat.filemode's first letter
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def resolve(location: str, base: Optional[str]) -> str:
@@ -352,82 +347,3 @@ def _read_fsspec(url: str, deadline: float) -> bytes:
         raise Rejected("unreadable", f"{type(e).__name__}: {url}") from None
     except OSError as e:  # network trouble of the object store: worth another try
         raise _Retryable(Rejected("connection", f"{type(e).__name__}: {url}")) from None
-
-
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], running: int,
-                held_bytes: int, size: Callable[[R], int]) -> Iterator[tuple[T, Future]]:
-    """``(item, future)`` in input order, with at most ``running`` calls unfinished at a time.
-
-    Calls go on while the first one in order is still out: a download that stalls (a server slow to
-    answer, a SYN dropped by a full accept queue and resent a second later) holds back only its own
-    place in the output, as long as the finished results waiting behind it hold under ``held_bytes``
-    (``size`` of each; past that, the stall is waited out). Only results in order leave, so the
-    output's order, and with it the shard's bytes, does not depend on timing."""
-    pending: deque[tuple[T, Future]] = deque()
-    changed = threading.Condition()
-    state = {"running": 0, "held": 0}  # calls not finished; bytes of results finished, not yet handed on
-
-    def finished(future: Future) -> None:
-        with changed:
-            state["running"] -= 1
-            if not future.cancelled() and future.exception() is None:
-                state["held"] += size(future.result())
-            changed.notify()
-
-    def room() -> bool:
-        return state["running"] < running and state["held"] < held_bytes
-
-    def next_ready() -> bool:
-        return bool(pending) and pending[0][1].done()
-
-    todo = iter(items)
-    more = True
-    while more or pending:
-        with changed:
-            while more and not room() and not next_ready():
-                changed.wait()  # a call finishing makes room, or readies the next in order
-            start = more and room() and not next_ready()  # the next in order, when ready, goes first
-            if start:
-                state["running"] += 1
-        if start:
-            item = next(todo, _END)
-            if item is _END:
-                more = False
-                with changed:
-                    state["running"] -= 1
-            else:
-                future = pool.submit(fn, item)
-                future.add_done_callback(finished)
-                pending.append((item, future))
-            continue
-        item, future = pending.popleft()
-        yield item, future  # the consumer waits on it if it is not done yet
-        if not future.cancelled() and future.exception() is None:
-            with changed:
-                state["held"] -= size(future.result())
-
-
-_END = object()
-
-
-class Deferred:
-    """A call made when its result is asked for: the ``Future`` stand-in for sources that need no threads."""
-
-    def __init__(self, fn: Callable[[T], R], item: T):
-        self.fn, self.item = fn, item
-
-    def result(self) -> R:
-        return self.fn(self.item)
-
-
-def fetch_in_order(fn: Callable[[T], R], items: list[T], threads: int, held_bytes: int,
-                   size: Callable[[R], int]) -> Iterator[tuple[T, "Future | Deferred"]]:
-    """``(item, future)`` in input order. With ``threads``, calls run on that many threads, ahead of
-    use while their finished results hold under ``held_bytes`` (see ``ordered_map``); with none (items
-    that are local files, read in microseconds), each call is made when its result is asked for, since
-    handing a read to a thread costs more than the read."""
-    if threads <= 0:
-        yield from ((item, Deferred(fn, item)) for item in items)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
-        yield from ordered_map(pool, fn, items, running=2 * threads, held_bytes=held_bytes, size=size)

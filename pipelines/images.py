@@ -11,8 +11,8 @@ and simplejpeg decodes the same pixels as OpenCV's ``imdecode`` in four fifths o
 has the figures). Every other input (other formats, rotated, grey or CMYK JPEGs) takes the Pillow path,
 and so does a JPEG libjpeg-turbo reports damaged (cut off, corrupt), so that the reason is Pillow's. An
 RGB JPEG already within size is checked (decoded at 1/8 scale) and stored as its original bytes instead
-of being re-encoded. Decoding, resizing and encoding release the GIL, so a task's converter thread
-works while its fetch threads download.
+of being re-encoded. Decoding, resizing and encoding release the GIL, so a task's fetch threads download
+while it converts.
 
 libjpeg-turbo's other DCT scales (3/4, 5/8, ...) were slower, not faster (their scaled IDCTs have no
 SIMD), and 2 dB further from the old pictures.

@@ -9,7 +9,6 @@ read). Tar members carry fixed metadata, so the same rows give byte-identical ta
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -17,13 +16,13 @@ import os
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 from pipelines.config import DownloadConfig
-from pipelines.fetch import Deferred, Fetcher, fetch_in_order, resolve
-from pipelines.images import ImageSettings, Rejected, process
+from pipelines.fetch import Fetcher, resolve
+from pipelines.images import Encoded, ImageSettings, Rejected, process
+from pipelines.ordered import fetch_and_convert
 from pipelines.sources import Labels, Table, read_rows
 from pretrain import storage
 
@@ -178,45 +177,37 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
     failures: list[dict] = []
     kept = 0
     threaded = any(storage.is_remote(resolve(row[0], ctx.table.base)) for row in rows if row[0] and not row[2])
-    # One thread converts every image of the task, in the order the downloads finish: one image decoded
-    # at a time, as max_decoded_mb promises, and no hand-over between images (a lock passed among the
-    # fetch threads left the decoder idle a fifth of the time, each new holder waiting for the GIL).
-    converter = ThreadPoolExecutor(1, thread_name_prefix="convert") if threaded else None
 
-    def prepare(row: tuple) -> tuple[dict, int, "Future | Deferred"]:
-        """Fetch one row (in a fetch thread when the rows are on the network) and hand its bytes to
-        the converter; the label's members, the bytes' size, and the conversion to wait for."""
+    def fetch(row: tuple) -> tuple[dict, bytes]:
+        """The label's members and the image's bytes (on a fetch thread when the rows are on the network)."""
         location, raw_label, error = row
         if error:
             raise Rejected(*error.split(": ", 1))
         if not location:
             raise Rejected("bad_row", "no path in this row")
-        members = _label_members(labels, raw_label)
-        data = fetcher.fetch(location)
-        if converter is None:
-            return members, len(data), Deferred(lambda d: process(d, ctx.settings), data)
-        return members, len(data), converter.submit(process, data, ctx.settings)
+        return _label_members(labels, raw_label), fetcher.fetch(location)
 
-    with open(tmp, "wb", buffering=WRITE_BUFFER) as raw, converter or contextlib.nullcontext():
+    def convert(fetched: tuple[dict, bytes]) -> tuple[dict, Encoded]:
+        members, data = fetched
+        return members, process(data, ctx.settings)
+
+    with open(tmp, "wb", buffering=WRITE_BUFFER) as raw:
         sink = _HashingSink(raw)
         writer = _SampleTar(sink)
-        converted = fetch_in_order(prepare, rows, ctx.download.threads if threaded else 0, held_bytes=HELD_BYTES,
-                                   size=lambda done: done[1])
-        for i, (row, future) in enumerate(converted):
+        # Waiting on a lagging download, what is written so far goes to disk (a killed task leaves it).
+        results = fetch_and_convert(fetch, convert, rows, ctx.download.threads if threaded else 0,
+                                    held_bytes=HELD_BYTES, size=lambda fetched: len(fetched[1]), waiting=raw.flush)
+        for i, (row, result, error) in enumerate(results):
             location = row[0]
             key = f"{shard_name(job.index)}_{i:06d}"
-            if threaded and not future.done():  # a download that lags: what is written so far goes to disk
-                raw.flush()
-            try:
-                members, _, conversion = future.result()
-                image = conversion.result()
-            except Rejected as e:
-                failures.append({"key": key, "source": location, "reason": e.reason, "detail": str(e)})
+            if isinstance(error, Rejected):
+                failures.append({"key": key, "source": location, "reason": error.reason, "detail": str(error)})
                 continue
-            except Exception as e:  # noqa: BLE001 - one image that trips a decoder must not sink its shard
+            if error is not None:  # one image that trips a decoder must not sink its shard
                 failures.append({"key": key, "source": location, "reason": "error",
-                                 "detail": f"error: {type(e).__name__}: {e}"})
+                                 "detail": f"error: {type(error).__name__}: {error}"})
                 continue
+            members, image = result
             meta = {"source": location, "original_size": list(image.original_size),
                     "size": list(image.size), **members.pop("meta")}
             writer.write(key, {"jpg": image.data, **members, "json": _META_JSON.encode(meta).encode()})

@@ -23,6 +23,7 @@ from pipelines import fetch
 from pipelines.config import ConfigError, DownloadConfig, load_config, replace
 from pipelines.fetch import MAX_BYTES, Fetcher
 from pipelines.images import Rejected
+from pipelines.ordered import fetch_and_convert
 from shard_inputs import ImageServer, bomb_png, jpeg
 
 IMAGE = jpeg(1, (64, 48))  # 3.5 KB: dripped at 4 bytes a second it would take a quarter of an hour
@@ -250,12 +251,9 @@ def test_refusals_are_per_image_failures_of_the_stage(ray_local, tmp_path, serve
 # --------------------------------------------------------------------------- results in order, stalls aside
 
 
-def _ordered(fn, n: int, threads: int = 4, held_bytes: int = 1 << 20, size=lambda r: 1):
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(threads) as pool:
-        return [(item, f.result()) for item, f in
-                fetch.ordered_map(pool, fn, range(n), running=2 * threads, held_bytes=held_bytes, size=size)]
+def _ordered(fn, n: int, threads: int = 4, held_bytes: int = 1 << 20, size=lambda r: 1, convert=lambda r: r):
+    return [(item, result) for item, result, _ in
+            fetch_and_convert(fn, convert, list(range(n)), threads, held_bytes=held_bytes, size=size)]
 
 
 def test_results_come_in_input_order_whatever_the_timing():
@@ -282,7 +280,12 @@ def test_a_stalled_first_download_does_not_stop_the_others():
                 others_done.set()
         return i
 
-    assert _ordered(fn, 100) == [(i, i) for i in range(100)]
+    converted = []
+    caller = threading.get_ident()
+    assert _ordered(fn, 100, convert=lambda r: (converted.append((r, threading.get_ident())), r)[1]) == \
+        [(i, i) for i in range(100)]
+    assert converted[-1] == (0, caller)  # the others were converted while it stalled, on the calling thread
+    assert sorted(converted) == [(i, caller) for i in range(100)]
 
 
 def test_results_held_behind_a_stall_stay_within_the_byte_budget():
@@ -316,16 +319,17 @@ def test_a_failure_comes_out_in_its_place():
             raise Rejected("http_404", "x")
         return i
 
-    from concurrent.futures import ThreadPoolExecutor
+    def convert(i):
+        if i == 4:
+            raise ValueError("a decoder tripped")
+        return i
 
-    with ThreadPoolExecutor(2) as pool:
-        got = []
-        for i, f in fetch.ordered_map(pool, fn, range(6), running=4, held_bytes=1 << 20, size=lambda r: 1):
-            try:
-                got.append(f.result())
-            except Rejected as e:
-                got.append(e.reason)
-    assert got == [0, 1, 2, "http_404", 4, 5]
+    got = [result if error is None else type(error).__name__ for _, result, error in
+           fetch_and_convert(fn, convert, list(range(6)), 2, held_bytes=1 << 20, size=lambda r: 1)]
+    assert got == [0, 1, 2, "Rejected", "ValueError", 5]
+    got = [result if error is None else type(error).__name__ for _, result, error in
+           fetch_and_convert(fn, convert, list(range(6)), 0, held_bytes=1 << 20, size=lambda r: 1)]
+    assert got == [0, 1, 2, "Rejected", "ValueError", 5]  # the same without threads
 
 
 @pytest.mark.parametrize("per_host,most", [(2, 2), (0, 8)])
