@@ -7,9 +7,9 @@ server slow to answer, a SYN resent a second later) holds back only its own plac
 behind it, are converted and wait, while the downloaded bytes waiting hold under ``held_bytes``
 (past that, the stall is waited out).
 
-The threads and the caller meet only at two ``queue.SimpleQueue``s (put and get in C): a converter
-thread of its own and a ``Future`` per download cost each image about a dozen thread wake-ups, a
-fifth of a task's CPU beside the codec on two cores.
+The threads and the caller meet only at two ``queue.SimpleQueue``s (put and get in C). A converter
+thread of its own and a ``Future`` per download had cost each image 14 context switches (6 now, ``perf
+stat`` on one task), 5 % of a task's CPU and 10 % of its wall time.
 """
 from __future__ import annotations
 
