@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 import stat
+import struct
 import threading
 import time
 from typing import Callable, Optional
@@ -175,6 +176,9 @@ class Fetcher:
         try:
             if scheme == "https":
                 sock = _tls_context(_ca_bundle()).wrap_socket(sock, server_hostname=host)
+            else:
+                sock.settimeout(None)  # receives end by the deadline through the kernel (_DeadlineSocket)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(deadline - time.monotonic()))
             sock.deadline = deadline
             sock.sendall(request)
         except BaseException:
@@ -258,8 +262,29 @@ class _DeadlineRecv:
         return super().recv_into(*args, **kwargs)
 
 
-class _DeadlineSocket(_DeadlineRecv, socket.socket):
-    pass
+class _DeadlineSocket(socket.socket):
+    """A TCP connection whose every receive ends by ``deadline`` (as ``_DeadlineRecv``), blocking with the
+    kernel's receive timeout: one system call per receive, where Python's own timeout makes two (a
+    poll, then the read), each a release and retake of the GIL. TLS keeps Python's (its records are
+    read through OpenSSL, which a kernel timeout would leave mid-record)."""
+
+    deadline: float
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
+        try:
+            return super().recv_into(buffer, nbytes, flags)
+        except BlockingIOError:  # what the kernel's timeout gives a blocking socket
+            raise TimeoutError("deadline passed") from None
+
+
+def _timeval(seconds: float) -> bytes:
+    """``struct timeval`` for a socket timeout: at least a microsecond (zero would mean none)."""
+    micro = max(1, round(seconds * 1e6))
+    return struct.pack("ll", micro // 1_000_000, micro % 1_000_000)
 
 
 class _DeadlineSSLSocket(_DeadlineRecv, ssl.SSLSocket):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -41,7 +42,11 @@ class CannedServer:
                     head += piece
                 self.requests.append(head)
                 path = head.split(b" ", 2)[1].decode()
-                conn.sendall(self.responses.get(path, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+                response = self.responses.get(path, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                if isinstance(response, float):  # say nothing that long
+                    time.sleep(response)
+                    continue
+                conn.sendall(response)
 
     def close(self) -> None:
         self.sock.close()
@@ -147,3 +152,10 @@ def test_a_host_that_would_break_the_request_line_is_a_bad_url():
     with pytest.raises(Rejected) as e:
         fetcher.fetch("http://exa mple.com/a.jpg")
     assert e.value.reason == "bad_url"
+
+
+def test_a_server_that_says_nothing_is_a_timeout_at_the_deadline(serve):
+    server = serve({"/silent": 6.0})
+    start = time.monotonic()
+    assert reason(server, "/silent") == "timeout"  # the receive waits in the kernel, bounded all the same
+    assert time.monotonic() - start < 4
