@@ -14,7 +14,7 @@ stat`` on one task), 5 % of a task's CPU and 10 % of its wall time.
 from __future__ import annotations
 
 import threading
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Callable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
@@ -78,6 +78,11 @@ def fetch_and_convert(fetch: Callable[[T], D], convert: Callable[[D], R], items:
             held -= sizes.pop(turn, 0)
             yield items[turn], result, error
     finally:
+        try:  # stopped early: downloads not begun stay undone
+            while True:
+                todo.get_nowait()
+        except Empty:
+            pass
         for _ in workers:
             todo.put(None)
         for w in workers:  # each ends after its download in progress (bounded by the deadline)

@@ -332,6 +332,25 @@ def test_a_failure_comes_out_in_its_place():
     assert got == [0, 1, 2, "Rejected", "ValueError", 5]  # the same without threads
 
 
+def test_a_consumer_that_stops_leaves_the_downloads_not_begun_undone():
+    """Items 0 to 3 are handed out at once (2 threads x 2); item 1 holds its thread, so item 3 is still
+    queued when the consumer stops after item 0, and is never fetched."""
+    release = threading.Event()
+    called = []
+
+    def fn(i):
+        called.append(i)
+        if i >= 1:
+            release.wait(10)
+        return i
+
+    results = fetch_and_convert(fn, lambda r: r, list(range(10)), 2, held_bytes=1 << 20, size=lambda r: 1)
+    assert next(results)[:2] == (0, 0)
+    threading.Timer(0.3, release.set).start()
+    results.close()  # waits for the downloads in progress
+    assert 3 not in called and set(called) <= {0, 1, 2}
+
+
 @pytest.mark.parametrize("per_host,most", [(2, 2), (0, 8)])
 def test_connections_to_one_host_are_capped_per_task(per_host, most):
     """``per_host`` connections to one host at a time, however many threads fetch; 0 lifts the cap."""
