@@ -1,9 +1,9 @@
 """One HTTP/1.1 GET over a connected socket: the request's bytes, then the response's head and body.
 
 The shard stage's downloads, kept lean because every image pays for them. ``http.client`` made each
-download cost ~0.2 ms more CPU in a task, a fifth of what a shard task spends per image besides the
+download cost 0.16 ms more CPU in a task, a fifth of what a shard task spends per image besides the
 JPEG codec (its email-based header parser, a buffered file over the socket, a wait and a read per few
-kilobytes, each a release and retake of the GIL the converter needs). Here the head is read and parsed
+kilobytes, each a release and retake of the GIL the converting thread needs). Here the head is read and parsed
 from large receives, and the body is de-framed as RFC 9112 says: ``Transfer-Encoding: chunked``, else
 ``Content-Length`` (a shorter body is an error, not a short image), else up to the close.
 
