@@ -139,13 +139,11 @@ class Response:
         return body
 
     def _to_close(self, limit: int) -> bytes:
-        while not self._eof:
+        while True:
             if len(self._buf) > limit:
                 raise TooLarge("the body is")
-            self._fill()
-        if len(self._buf) > limit:
-            raise TooLarge("the body is")
-        return bytes(self._buf)
+            if self._eof or not self._fill():
+                return bytes(self._buf)
 
     def _line(self) -> bytes:
         while (end := self._buf.find(b"\n")) < 0:
