@@ -39,10 +39,12 @@ from pipelines.images import Rejected
 from pretrain.storage import is_url
 
 USER_AGENT = "vitscale/0.1 (+image pretraining dataset builder)"
-HEADERS = {"User-Agent": USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity", "Connection": "close"}
+HEADERS = {"User-Agent": USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity"}
 MAX_BYTES = 64 << 20  # a response larger than any sane image is refused, not buffered
 CHUNK = 1 << 16
 MAX_REDIRECTS = 5
+QUICK_ACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+IDLE_S = 4.0  # a kept connection idle longer is closed, not reused (servers drop idle ones after 5 s or more)
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 NOAI = frozenset({"noai", "noimageai"})
@@ -86,6 +88,34 @@ class Fetcher:
         self.base = base
         self._hosts: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self._hosts_lock = threading.Lock()
+        self._idle: dict[tuple[str, str, int], list[tuple[float, socket.socket]]] = {}
+        self._closed = False
+
+    def close(self) -> None:
+        """Close the connections kept for reuse, and any a download still running would keep."""
+        with self._hosts_lock:
+            kept, self._idle, self._closed = self._idle, {}, True
+        for conns in kept.values():
+            for _, sock in conns:
+                sock.close()
+
+    def _take_idle(self, key: tuple[str, str, int]) -> Optional[socket.socket]:
+        """The most recently used kept connection to ``key`` (scheme, host, port), if one is fresh enough."""
+        with self._hosts_lock:
+            conns = self._idle.get(key)
+            while conns:
+                since, sock = conns.pop()
+                if time.monotonic() - since < IDLE_S:
+                    return sock
+                sock.close()
+        return None
+
+    def _keep(self, key: tuple[str, str, int], sock: socket.socket) -> None:
+        with self._hosts_lock:
+            if not self._closed:
+                self._idle.setdefault(key, []).append((time.monotonic(), sock))
+                return
+        sock.close()
 
     def _host_slot(self, host: str, port: int) -> "threading.BoundedSemaphore | contextlib.nullcontext":
         """What a request to ``host:port`` holds while it runs: one of ``per_host`` slots (waiting for a
@@ -156,34 +186,59 @@ class Fetcher:
             parts = _split(url)
             with self._host_slot(parts[1], parts[2]):
                 deadline = deadline or time.monotonic() + self.cfg.timeout_s
-                sock = self._request(parts, deadline)
+                sock, response = self._exchange(parts, deadline)
+                keep = False
                 try:
-                    response = http1.Response(sock)
                     location = response.header("Location") if response.status in REDIRECT_STATUS else None
                     if location is None:
-                        return self._body(response, url)
+                        body = self._body(response, url)
+                        keep = response.reusable
+                        return body
                 finally:
-                    sock.close()
+                    if keep:
+                        self._keep(parts[:3], sock)
+                    else:
+                        sock.close()
             url = _redirect(url, location)
         raise Rejected("redirects", f"more than {MAX_REDIRECTS}: {url}")
 
-    def _request(self, parts: tuple[str, str, int, str], deadline: float) -> socket.socket:
-        """A connection to a checked address of the host in ``parts`` (``_split``'s), TLS for https,
-        with the GET sent; every receive on it gives up at ``deadline``."""
+    def _exchange(self, parts: tuple[str, str, int, str], deadline: float) -> tuple[socket.socket, http1.Response]:
+        """The GET of ``parts`` (``_split``'s) sent and its response's head read, on a kept connection to
+        the host when there is one (no new connect, no TLS handshake), else on a new one. A kept
+        connection the server closed meanwhile fails before the response's first byte; the request
+        then goes once more on a new connection, as urllib3 does, without counting as a retry."""
         scheme, host, port, target = parts
         request = http1.request(host, port, 443 if scheme == "https" else 80, target, HEADERS)
-        sock = _connect(self._addresses(host, port), deadline)  # the checked addresses only
+        sock = self._take_idle(parts[:3])
+        if sock is not None:
+            try:
+                _arm(sock, deadline)
+                sock.sendall(request)
+                return sock, http1.Response(sock)
+            except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
+        sock = self._connect(scheme, host, port, deadline)
         try:
-            if scheme == "https":
-                sock = _tls_context(_ca_bundle()).wrap_socket(sock, server_hostname=host)
-            else:
-                sock.settimeout(None)  # receives end by the deadline through the kernel (_DeadlineSocket)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(deadline - time.monotonic()))
-            sock.deadline = deadline
+            _arm(sock, deadline)
             sock.sendall(request)
+            return sock, http1.Response(sock)
         except BaseException:
             sock.close()
             raise
+
+    def _connect(self, scheme: str, host: str, port: int, deadline: float) -> socket.socket:
+        """A new connection to a checked address of ``host`` (TLS for https)."""
+        sock = _connect(self._addresses(host, port), deadline)  # the checked addresses only
+        if scheme == "https":
+            try:
+                return _tls_context(_ca_bundle()).wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        sock.settimeout(None)  # receives end by the deadline through the kernel (_DeadlineSocket)
         return sock
 
     def _addresses(self, host: str, port: int) -> list[tuple[int, tuple]]:
@@ -259,6 +314,7 @@ class _DeadlineRecv:
         if left <= 0:
             raise TimeoutError("deadline passed")
         self.settimeout(left)
+        _quick_ack(self)
         return super().recv_into(*args, **kwargs)
 
 
@@ -275,10 +331,30 @@ class _DeadlineSocket(socket.socket):
         if left <= 0:
             raise TimeoutError("deadline passed")
         self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
+        _quick_ack(self)
         try:
             return super().recv_into(buffer, nbytes, flags)
         except BlockingIOError:  # what the kernel's timeout gives a blocking socket
             raise TimeoutError("deadline passed") from None
+
+
+def _quick_ack(sock: socket.socket) -> None:
+    """Acknowledge what arrives at once (Linux; its quick-ack mode ends by itself, so before every
+    receive). On a kept-alive connection a server that writes the head and the body apart and leaves
+    Nagle's algorithm on (Python's http.server does) holds the body's last piece until the head is
+    acknowledged, and a delayed acknowledgement waits up to 40 ms: 61 s for 6,000 loopback images
+    instead of 10."""
+    if QUICK_ACK is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, QUICK_ACK, 1)
+
+
+def _arm(sock: socket.socket, deadline: float) -> None:
+    """Make every send and receive of the next request on ``sock`` end by ``deadline``."""
+    sock.deadline = deadline
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(max(1e-3, deadline - time.monotonic()))  # the send's; each receive sets its own
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(deadline - time.monotonic()))
 
 
 def _timeval(seconds: float) -> bytes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
-from http.client import BadStatusLine, HTTPException, IncompleteRead, InvalidURL, LineTooLong
+from http.client import BadStatusLine, HTTPException, IncompleteRead, InvalidURL, LineTooLong, RemoteDisconnected
 from typing import Optional
 
 RECV = 1 << 18  # one receive takes what the kernel holds (a loopback photo arrives in one or two)
@@ -56,16 +56,27 @@ def request(host: str, port: int, default_port: int, target: str, headers: dict[
 class Response:
     """The response to a request sent on ``sock``: ``status`` and ``headers`` (lower-case names,
     repeated ones joined with ", ", as ``http.client``'s ``getheader`` gives them) once made; ``body``
-    reads the rest. Interim 1xx responses (100 Continue, 103 Early Hints) are skipped."""
+    reads the rest. Interim 1xx responses (100 Continue, 103 Early Hints) are skipped. A connection
+    that ends before the response's first byte is ``RemoteDisconnected`` (a kept-alive one the server
+    has closed meanwhile shows so)."""
 
     def __init__(self, sock):
         self.sock = sock
         self._view = _scratch()
         self._buf = bytearray()
         self._eof = False
+        self._framed = False  # the body ended where its framing said, not at the close
         self.status, self.headers = self._head()
         while 100 <= self.status < 200:
             self.status, self.headers = self._head()
+
+    @property
+    def reusable(self) -> bool:
+        """After ``body``: the connection may carry another request (HTTP/1.1, not ``Connection:
+        close``, the body read to its framed end and nothing after it)."""
+        tokens = self.headers.get("connection", "").lower()
+        return (self._framed and self.version == "HTTP/1.1" and "close" not in tokens
+                and not self._buf and not self._eof)
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         return self.headers.get(name.lower(), default)
@@ -84,7 +95,9 @@ class Response:
             if len(self._buf) > MAX_HEAD:
                 raise LineTooLong(f"a response head over {MAX_HEAD} bytes")
             if not self._fill():
-                raise BadStatusLine(bytes(self._buf[:80]).decode("latin-1") or "no response")
+                if not self._buf:
+                    raise RemoteDisconnected("the connection closed before a response")
+                raise BadStatusLine(bytes(self._buf[:80]).decode("latin-1"))
         if end.start() > MAX_HEAD:
             raise LineTooLong(f"a response head over {MAX_HEAD} bytes")
         raw = bytes(self._buf[:end.start()]).decode("latin-1")
@@ -94,6 +107,7 @@ class Response:
         code = words[1] if len(words) > 1 else ""
         if not words[0].startswith("HTTP/") or len(code) != 3 or not code.isdigit() or int(code) < 100:
             raise BadStatusLine(lines[0][:80])
+        self.version = words[0]
         if len(lines) - 1 > MAX_HEADERS:
             raise HTTPException(f"got more than {MAX_HEADERS} headers")
         headers: dict[str, str] = {}
@@ -113,16 +127,17 @@ class Response:
         """The whole body, de-framed; ``TooLarge`` once past ``limit`` bytes, ``IncompleteRead`` when
         the connection ends before the framing says the body does."""
         if self.status in (204, 304):
-            return b""
-        coding = self.headers.get("transfer-encoding")
-        if coding is not None:
-            if coding.lower().rsplit(",", 1)[-1].strip() == "chunked":
-                return self._chunked(limit)
-            return self._to_close(limit)
-        length = self.headers.get("content-length", "").strip()
-        if length.isdigit():
-            return self._exactly(int(length), limit)
-        return self._to_close(limit)  # none, or one http.client would not read either ("10, 10")
+            body = b""
+        elif (coding := self.headers.get("transfer-encoding")) is not None:
+            if coding.lower().rsplit(",", 1)[-1].strip() != "chunked":
+                return self._to_close(limit)
+            body = self._chunked(limit)
+        elif (length := self.headers.get("content-length", "").strip()).isdigit():
+            body = self._exactly(int(length), limit)
+        else:
+            return self._to_close(limit)  # none, or one http.client would not read either ("10, 10")
+        self._framed = True
+        return body
 
     def _exactly(self, length: int, limit: int) -> bytes:
         if length > limit:

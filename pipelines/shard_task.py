@@ -212,6 +212,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
                     "size": list(image.size), **members.pop("meta")}
             writer.write(key, {"jpg": image.data, **members, "json": _META_JSON.encode(meta).encode()})
             kept += image.kept_original
+        fetcher.close()
         writer.close()
         raw.flush()
     storage.publish_file(tmp, final)

@@ -18,11 +18,14 @@ BODY = bytes(range(256)) * 40  # 10 KB that no framing bug leaves intact by chan
 
 
 class CannedServer:
-    """Accepts connections, reads each request's head, answers ``responses[path]`` (bytes) and closes."""
+    """Accepts connections, reads each request's head, answers ``responses[path]`` (bytes) and closes;
+    with ``keep_alive``, answers every request on a connection until the client closes it."""
 
-    def __init__(self, responses: dict[str, bytes]):
-        self.responses = responses
+    def __init__(self, responses: dict[str, bytes], keep_alive: bool = False):
+        self.responses, self.keep_alive = responses, keep_alive
         self.requests: list[bytes] = []
+        self.connections = 0
+        self.ended = threading.Event()  # set when a client closes a kept-alive connection
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -33,20 +36,31 @@ class CannedServer:
                 conn, _ = self.sock.accept()
             except OSError:  # closed
                 return
-            with conn:
+            self.connections += 1
+            if self.keep_alive:
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+            else:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
                 head = b""
                 while b"\r\n\r\n" not in head:
                     piece = conn.recv(4096)
                     if not piece:
-                        break
+                        self.ended.set()
+                        return
                     head += piece
                 self.requests.append(head)
                 path = head.split(b" ", 2)[1].decode()
                 response = self.responses.get(path, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 if isinstance(response, float):  # say nothing that long
                     time.sleep(response)
-                    continue
+                    return
                 conn.sendall(response)
+                if not self.keep_alive:
+                    return
 
     def close(self) -> None:
         self.sock.close()
@@ -56,8 +70,8 @@ class CannedServer:
 def serve():
     servers = []
 
-    def start(responses: dict[str, bytes]) -> CannedServer:
-        servers.append(CannedServer(responses))
+    def start(responses: dict[str, bytes], keep_alive: bool = False) -> CannedServer:
+        servers.append(CannedServer(responses, keep_alive))
         return servers[-1]
 
     yield start
@@ -102,7 +116,7 @@ def test_the_request_is_one_plain_get(serve):
     head = server.requests[0].decode()
     port = server.url.rsplit(":", 1)[1]
     assert head.startswith(f"GET /a%20b.jpg?x=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n")
-    assert "Connection: close\r\n" in head and f"User-Agent: {fetch.USER_AGENT}\r\n" in head
+    assert "Connection:" not in head and f"User-Agent: {fetch.USER_AGENT}\r\n" in head  # HTTP/1.1: kept alive
     assert http1.request("::1", 80, 80, "/", {}) == b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n"
     with pytest.raises(http1.InvalidURL):
         http1.request("a b", 80, 80, "/", {})
@@ -159,3 +173,45 @@ def test_a_server_that_says_nothing_is_a_timeout_at_the_deadline(serve):
     start = time.monotonic()
     assert reason(server, "/silent") == "timeout"  # the receive waits in the kernel, bounded all the same
     assert time.monotonic() - start < 4
+
+
+LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
+
+
+def test_a_task_reuses_a_kept_alive_connection_and_closes_it_at_the_end(serve):
+    server = serve({"/length": LENGTH, "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + chunked(BODY, 3000)}, keep_alive=True)
+    fetcher = Fetcher(DownloadConfig(allow_private=True, timeout_s=2.0, retries=0))
+    for path in ("/length", "/chunked", "/length", "/chunked", "/length"):
+        assert fetcher.fetch(server.url + path) == BODY, path
+    assert (server.connections, len(server.requests)) == (1, 5)
+    assert not server.ended.is_set()
+    fetcher.close()
+    assert server.ended.wait(5)
+
+
+def test_a_connection_is_not_reused_when_the_response_says_or_leaves_it_unusable(serve):
+    server = serve({
+        "/close-header": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY,
+        "/http10": b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY,
+        "/to-close": b"HTTP/1.1 200 OK\r\n\r\n" + BODY,
+        "/missing": b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!",
+    }, keep_alive=True)
+    fetcher = Fetcher(DownloadConfig(allow_private=True, timeout_s=2.0, retries=0))
+    for path in ("/close-header", "/http10", "/close-header", "/http10"):
+        assert fetcher.fetch(server.url + path) == BODY, path
+    with pytest.raises(Rejected):
+        fetcher.fetch(server.url + "/missing")
+    with pytest.raises(Rejected):  # its body unread: a new connection
+        fetcher.fetch(server.url + "/missing")
+    assert server.connections == 6
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_without_using_a_retry(serve):
+    # This server closes after each answer although its HTTP/1.1 responses allow another request: the
+    # next request on the kept connection finds it closed and goes again on a new one (retries=0).
+    server = serve({"/length": LENGTH})
+    fetcher = Fetcher(DownloadConfig(allow_private=True, timeout_s=2.0, retries=0))
+    for _ in range(4):
+        assert fetcher.fetch(server.url + "/length") == BODY
+    assert (server.connections, len(server.requests)) == (4, 4)

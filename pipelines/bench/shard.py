@@ -52,6 +52,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--img2dataset-downscale", default="area", choices=["area", "linear"],
                     help="--vs: img2dataset's --downscale_interpolation (area, its default; linear is the "
                          "filter vitscale uses within 2x, for a same-filter comparison)")
+    ap.add_argument("--server-protocol", default="HTTP/1.1", choices=["HTTP/1.1", "HTTP/1.0"],
+                    help="--vs: what the loopback http.server speaks (HTTP/1.1 keeps connections alive, as "
+                         "image hosts do; HTTP/1.0, its default, closes each after one image)")
     return ap.parse_args(argv)
 
 

@@ -1,7 +1,9 @@
 """``vitscale bench shard --vs img2dataset``: the shard stage beside img2dataset, end to end, on the same URLs.
 
 Both tools get the same thing a user would give them: a CSV of ``url,label`` rows pointing at the
-benchmark's photo corpus, served by ``python -m http.server`` on 127.0.0.1, and the same settings
+benchmark's photo corpus, served by ``python -m http.server --protocol HTTP/1.1`` on 127.0.0.1 (kept-alive
+connections, as image hosts and CDNs give; ``--server-protocol HTTP/1.0`` for http.server's default, a
+connection per image), and the same settings
 (keep_ratio 256 without upscaling, JPEG quality 95, 1,000 samples per shard, WebDataset tars).
 Each is run as its own command (``vitscale shard`` and img2dataset's CLI with one process per core x 16
 threads), so imports, start-up and the last shard's tail count on both sides; the runs alternate
@@ -47,12 +49,14 @@ def img2dataset_command(given: Optional[str]) -> list[str]:
 
 
 class Server:
-    """``python -m http.server`` on 127.0.0.1 over ``root``, quiet (its per-request log goes nowhere)."""
+    """``python -m http.server`` on 127.0.0.1 over ``root``, quiet (its per-request log goes nowhere),
+    speaking ``protocol``: HTTP/1.1 keeps a connection open for the client's next request, as image
+    hosts and CDNs do; HTTP/1.0 (http.server's default) closes each one after its response."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, protocol: str = "HTTP/1.1"):
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
-                                      "--directory", root], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+                                      "--directory", root, "--protocol", protocol], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (http://127.0.0.1:N/) ..."
         match = re.search(r"port (\d+)", line)
         if not match:
@@ -165,7 +169,7 @@ def head_to_head(opts, corpus_root: str, paths: list[str]) -> None:
     """Run both tools at each size of ``opts.sizes``, alternating, and print the table."""
     command = img2dataset_command(opts.img2dataset) + [f"--downscale_interpolation={opts.img2dataset_downscale}"]
     cores = os.cpu_count() or 1
-    server = Server(corpus_root)
+    server = Server(corpus_root, opts.server_protocol)
     rows = []
     try:
         tiny = url_list(os.path.join(opts.dir, "urls_10.csv"), server.url, paths, corpus_root, 10)
@@ -189,7 +193,8 @@ def head_to_head(opts, corpus_root: str, paths: list[str]) -> None:
         server.close()
     print(f"\nvitscale shard vs img2dataset ({cores} processes x 16 threads, downscale "
           f"{opts.img2dataset_downscale}; vitscale: bilinear within 2x, area beyond): keep_ratio 256 (no upscaling), quality 95, "
-          f"1,000 per shard, webdataset, URLs on 127.0.0.1 (python -m http.server), {cores} cores, best of "
+          f"1,000 per shard, webdataset, URLs on 127.0.0.1 (python -m http.server --protocol "
+          f"{opts.server_protocol}), {cores} cores, best of "
           f"{opts.repeats}, alternating")
     print(f"{'URLs':>8s}{'vitscale':>22s}{'img2dataset':>22s}{'ratio':>8s}{'ok (ours/theirs)':>20s}"
           f"{'load before/after':>19s}")
