@@ -354,17 +354,27 @@ def test_a_consumer_that_stops_leaves_the_downloads_not_begun_undone():
     assert 3 not in called and set(called) <= {0, 1, 2}
 
 
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"])
 @pytest.mark.parametrize("per_host,most", [(2, 2), (0, 8)])
-def test_connections_to_one_host_are_capped_per_task(per_host, most):
-    """``per_host`` connections to one host at a time, however many threads fetch; 0 lifts the cap."""
+def test_connections_to_one_host_are_capped_per_task(per_host, most, protocol):
+    """``per_host`` connections to one host at a time, however many threads fetch; 0 lifts the cap.
+    A server that keeps connections alive (``http.server`` speaking HTTP/1.1, Nagle's algorithm on)
+    sees no more connections than that: each is reused by the next request."""
     from concurrent.futures import ThreadPoolExecutor
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    seen = {"now": 0, "most": 0}
+    seen = {"now": 0, "most": 0, "connections": 0}
     lock = threading.Lock()
     arrived = threading.Barrier(most, timeout=10)  # with no cap, all 8 must be in at once to pass
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = protocol
+
+        def setup(self):
+            super().setup()
+            with lock:
+                seen["connections"] += 1
+
         def do_GET(self):
             with lock:
                 seen["now"] += 1
@@ -394,3 +404,4 @@ def test_connections_to_one_host_are_capped_per_task(per_host, most):
         server.shutdown()
         server.server_close()
     assert seen["most"] == most
+    assert seen["connections"] == (16 if protocol == "HTTP/1.0" else most)
