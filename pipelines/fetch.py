@@ -8,7 +8,8 @@ reason (one failed image, never a failed stage):
   and every redirect hop are resolved and refused when any address is not global (loopback, private,
   link-local: a node's cloud metadata endpoint) unless ``allow_private``, and the connection goes to the
   address checked, so a second DNS answer cannot swap it. At most ``per_host`` connections to one host
-  at a time per task (a crawler's politeness; a list over many hosts keeps every thread busy).
+  at a time per task (a crawler's politeness; a list over many hosts keeps every thread busy), kept
+  alive between requests where the server allows it and counted while kept.
   Retries with exponential backoff on timeouts, dropped connections, 408/429/5xx; refuses images
   whose response says ``X-Robots-Tag: noai`` or ``noimageai``.
 - local paths (relative ones are taken from the index's folder) and ``file://``: regular files only
