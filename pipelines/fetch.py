@@ -92,6 +92,12 @@ class Fetcher:
         self._idle: dict[tuple[str, str, int], list[tuple[float, socket.socket]]] = {}
         self._closed = False
 
+    def __enter__(self) -> "Fetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Close the connections kept for reuse, and any a download still running would keep."""
         with self._hosts_lock:

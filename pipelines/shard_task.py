@@ -191,7 +191,7 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
         members, data = fetched
         return members, process(data, ctx.settings)
 
-    with open(tmp, "wb", buffering=WRITE_BUFFER) as raw:
+    with fetcher, open(tmp, "wb", buffering=WRITE_BUFFER) as raw:
         sink = _HashingSink(raw)
         writer = _SampleTar(sink)
         # Waiting on a lagging download, what is written so far goes to disk (a killed task leaves it).
@@ -212,7 +212,6 @@ def write_shard(ctx: TaskContext, job: ShardJob, node_id: Optional[str] = None) 
                     "size": list(image.size), **members.pop("meta")}
             writer.write(key, {"jpg": image.data, **members, "json": _META_JSON.encode(meta).encode()})
             kept += image.kept_original
-        fetcher.close()
         writer.close()
         raw.flush()
     storage.publish_file(tmp, final)
