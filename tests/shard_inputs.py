@@ -127,13 +127,16 @@ class ImageServer:
     TCP reset; ``/redirect/NAME`` is a 302 to ``/img/NAME``; ``/goto/QUOTED`` a 302 to the URL-quoted
     location; ``/hold/NAME`` blocks its first request until ``release()`` (or ``hold_s``), later ones are
     served at once; ``/drip/NAME`` sends the headers, then the body one byte every ``drip_s``.
-    ``paths`` lists the paths asked for; ``drips`` counts the bytes dripped so far. With ``tls`` (a
-    server context) it speaks HTTPS.
+    ``paths`` lists the paths asked for; ``drips`` counts the bytes dripped so far; ``connections`` the
+    connections accepted. With ``tls`` (a server context) it speaks HTTPS; ``protocol`` HTTP/1.1 keeps
+    connections alive (http.server's default, HTTP/1.0, closes each after one response).
     """
 
     def __init__(self, files: dict[str, bytes], slow_s: float = 3.0, hold_s: float = 60.0,
-                 drip_s: float = 0.25, host: str = "127.0.0.1", tls: Optional[ssl.SSLContext] = None):
-        self.files = files
+                 drip_s: float = 0.25, host: str = "127.0.0.1", tls: Optional[ssl.SSLContext] = None,
+                 protocol: str = "HTTP/1.0"):
+        self.files, self.protocol = files, protocol
+        self.connections = 0
         self.slow_s, self.hold_s, self.drip_s = slow_s, hold_s, drip_s
         self.paths: list[str] = []
         self.drips = 0
@@ -185,6 +188,13 @@ class ImageServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = outer.protocol
+
+            def setup(self) -> None:
+                super().setup()
+                with outer._lock:
+                    outer.connections += 1
+
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
 

@@ -108,6 +108,22 @@ def test_a_server_dripping_one_byte_at_a_time_is_cut_at_the_deadline(tmp_path, m
         assert 0 < settled < len(IMAGE)
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_kept_alive_connections_are_reused_tls_included(tmp_path, monkeypatch, scheme):
+    tls = None
+    if scheme == "https":
+        tls, cert = _tls_pair(tmp_path)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)
+    with ImageServer({"a.jpg": IMAGE}, tls=tls, protocol="HTTP/1.1") as server:
+        with fetcher(allow_private=True) as get:
+            for _ in range(4):
+                assert get.fetch(f"{server.url}/img/a.jpg") == IMAGE
+            assert server.connections == 1  # one connect and one handshake for the four
+            assert get.fetch(f"{server.url}/redirect/a.jpg") == IMAGE  # a redirect's connection is not kept
+            assert get.fetch(f"{server.url}/img/a.jpg") == IMAGE
+        assert server.connections == 2
+
+
 # --------------------------------------------------------------------------- schemes
 
 
