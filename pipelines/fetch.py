@@ -88,7 +88,7 @@ class Fetcher:
         self.cfg = download
         self.base = base
         self._hosts: dict[tuple[str, int], threading.BoundedSemaphore] = {}
-        self._hosts_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _hosts, _idle and _closed
         self._idle: dict[tuple[str, str, int], list[tuple[float, socket.socket]]] = {}
         self._closed = False
 
@@ -100,7 +100,7 @@ class Fetcher:
 
     def close(self) -> None:
         """Close the connections kept for reuse, and any a download still running would keep."""
-        with self._hosts_lock:
+        with self._lock:
             kept, self._idle, self._closed = self._idle, {}, True
         for conns in kept.values():
             for _, sock in conns:
@@ -108,7 +108,7 @@ class Fetcher:
 
     def _take_idle(self, key: tuple[str, str, int]) -> Optional[socket.socket]:
         """The most recently used kept connection to ``key`` (scheme, host, port), if one is fresh enough."""
-        with self._hosts_lock:
+        with self._lock:
             conns = self._idle.get(key)
             while conns:
                 since, sock = conns.pop()
@@ -118,7 +118,7 @@ class Fetcher:
         return None
 
     def _keep(self, key: tuple[str, str, int], sock: socket.socket) -> None:
-        with self._hosts_lock:
+        with self._lock:
             if not self._closed:
                 self._idle.setdefault(key, []).append((time.monotonic(), sock))
                 return
@@ -129,7 +129,7 @@ class Fetcher:
         slot is not part of the request's deadline), or nothing when unlimited."""
         if self.cfg.per_host <= 0:
             return contextlib.nullcontext()
-        with self._hosts_lock:
+        with self._lock:
             slot = self._hosts.get((host, port))
             if slot is None:
                 slot = self._hosts[(host, port)] = threading.BoundedSemaphore(self.cfg.per_host)
@@ -219,24 +219,19 @@ class Fetcher:
         sock = self._take_idle(parts[:3])
         if sock is not None:
             try:
-                _arm(sock, deadline)
-                sock.sendall(request)
-                return sock, http1.Response(sock)
-            except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                return sock, _ask(sock, request, deadline)
+            except BaseException as e:
                 sock.close()
-            except BaseException:
-                sock.close()
-                raise
-        sock = self._connect(scheme, host, port, deadline)
+                if not isinstance(e, (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                    raise
+        sock = self._open(scheme, host, port, deadline)
         try:
-            _arm(sock, deadline)
-            sock.sendall(request)
-            return sock, http1.Response(sock)
+            return sock, _ask(sock, request, deadline)
         except BaseException:
             sock.close()
             raise
 
-    def _connect(self, scheme: str, host: str, port: int, deadline: float) -> socket.socket:
+    def _open(self, scheme: str, host: str, port: int, deadline: float) -> socket.socket:
         """A new connection to a checked address of ``host`` (TLS for https)."""
         sock = _connect(self._addresses(host, port), deadline)  # the checked addresses only
         if scheme == "https":
@@ -355,13 +350,16 @@ def _quick_ack(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, QUICK_ACK, 1)
 
 
-def _arm(sock: socket.socket, deadline: float) -> None:
-    """Make every send and receive of the next request on ``sock`` end by ``deadline``."""
+def _ask(sock: socket.socket, request: bytes, deadline: float) -> http1.Response:
+    """``request`` sent on ``sock`` and its response's head read, every send and receive ending by
+    ``deadline``."""
     sock.deadline = deadline
     if isinstance(sock, ssl.SSLSocket):
         sock.settimeout(max(1e-3, deadline - time.monotonic()))  # the send's; each receive sets its own
     else:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(deadline - time.monotonic()))
+    sock.sendall(request)
+    return http1.Response(sock)
 
 
 def _timeval(seconds: float) -> bytes:
