@@ -345,7 +345,7 @@ def _quick_ack(sock: socket.socket) -> None:
     receive). On a kept-alive connection a server that writes the head and the body apart and leaves
     Nagle's algorithm on (Python's http.server does) holds the body's last piece until the head is
     acknowledged, and a delayed acknowledgement waits up to 40 ms: 61 s for 6,000 loopback images
-    instead of 10."""
+    instead of 11 to 13 on a connection per image."""
     if QUICK_ACK is not None:
         sock.setsockopt(socket.IPPROTO_TCP, QUICK_ACK, 1)
 
